@@ -1,0 +1,137 @@
+"""Wire one server together (listener, metrics, watchdog, signals) and run it to the end."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from services.base import PortInUseError, Server
+from services.config import Config, ConfigError, parse_config
+from services.metrics import MetricsServer, build_registry
+from services.models import MODELS
+from services.watchdog import Lane, Watchdog
+
+log = logging.getLogger("echo")
+
+EXIT_HUNG = 70  # EX_SOFTWARE: the watchdog found a hang
+_TRIP_LINGER = 2.0  # keep /metrics up this long after a trip so a scrape can see it
+
+
+def build_server(config: Config) -> Server:
+    return MODELS[config.model](config)
+
+
+def exit_hung(reason: str) -> None:
+    """Exit from the watchdog thread: a hung worker may never let a normal shutdown
+    finish, and the supervisor's restart is the recovery."""
+    threading.Event().wait(_TRIP_LINGER)  # /metrics still answers, showing the trip
+    logging.shutdown()
+    os._exit(EXIT_HUNG)
+
+
+def build_watchdog(
+    server: Server, timeout: float, on_trip: Callable[[str], None] = exit_hung
+) -> Watchdog:
+    stats = server.stats
+    lanes = [
+        # The accept loop ticks at least once a second whether or not clients come.
+        Lane(
+            "accept loop", lambda: stats.accept_loop_ticks.value, lambda: int(not server.stopping)
+        ),
+        Lane("workers", stats.progress, lambda: stats.queued.value),
+    ]
+    return Watchdog(lanes, timeout, on_trip)
+
+
+class Service:
+    """One server with its metrics endpoint and watchdog; binds both ports on creation."""
+
+    def __init__(self, config: Config, on_trip: Callable[[str], None] = exit_hung) -> None:
+        self.config = config
+        self.server = build_server(config)
+        self.watchdog = (
+            build_watchdog(self.server, config.watchdog_timeout, on_trip)
+            if config.watchdog_timeout is not None
+            else None
+        )
+        self.registry = build_registry(self.server, self.watchdog)
+        self.address = self.server.bind()
+        try:
+            self.metrics = MetricsServer(self.registry, config.host, config.metrics_port)
+        except OSError:
+            self.server.close()
+            raise
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        return self.metrics.address
+
+    def serve(self) -> bool:
+        """Serve until `server.stop()`; True when the shutdown was clean."""
+        self.metrics.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
+        try:
+            return self.server.serve_forever()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+            self.metrics.stop()
+
+
+def run(config: Config) -> int:
+    try:
+        service = Service(config)
+    except PortInUseError as error:
+        log.error("%s", error.strerror)
+        return 1
+    except OSError as error:
+        log.error("cannot listen on %s: %s", config.host, error.strerror or error)
+        return 1
+    _install_signal_handlers(service.server)
+    (host, port), (mhost, mport) = service.address, service.metrics_address
+    log.info(
+        "echo server ready model=%s echo=%s:%d metrics=%s:%d workers=%s queue=%s "
+        "idle_timeout=%s send_timeout=%s",
+        config.model,
+        host,
+        port,
+        mhost,
+        mport,
+        config.workers if config.bounded else "unbounded",
+        config.queue_size if config.bounded else "none",
+        config.idle_timeout,
+        config.send_timeout,
+    )
+    clean = service.serve()
+    log.info("echo server stopped%s", "" if clean else " with workers still busy")
+    return 0 if clean else 1
+
+
+def _install_signal_handlers(server: Server) -> None:
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if server.stopping:  # a second Ctrl-C: stop waiting for anything
+            os._exit(128 + signum)
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ConfigError as error:
+        print(f"python -m services: error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format=f"%(asctime)s %(levelname)s {config.model}: %(message)s",
+    )
+    return run(config)

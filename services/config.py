@@ -1,0 +1,245 @@
+"""Server configuration: one frozen dataclass, filled from CLI flags or `ECHO_*` variables.
+
+Every value is checked here, before anything binds a port or starts a thread,
+so a bad value ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+MODELS = ("executor", "queue", "threads")
+
+# The ports every other piece of the project (compose, load tests, floods) expects.
+DEFAULT_PORTS = {"executor": 15001, "queue": 15002, "threads": 15003}
+DEFAULT_METRICS_PORTS = {"executor": 9101, "queue": 9102, "threads": 9103}
+
+# Only the bounded models defend their workers by default; `threads` is the
+# undefended control group.
+DEFAULT_IDLE_TIMEOUT = 10.0
+DEFAULT_SEND_TIMEOUT = 10.0
+MIN_STACK_SIZE = 32 * 1024  # CPython refuses smaller thread stacks
+PAGE_SIZE = 4096
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the flag or variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 15001
+    metrics_port: int = 9101
+    workers: int = 32
+    queue_size: int = 64
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+    send_timeout: float | None = DEFAULT_SEND_TIMEOUT
+    stack_size: int = 64 * 1024
+    backlog: int = 1024
+    watchdog_timeout: float | None = 60.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check(self.model in MODELS, "--model", f"must be one of {', '.join(MODELS)}")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError(f"--host: {self.host!r} is not an IP address") from None
+        for flag, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
+            _check(0 <= port <= 65535, flag, f"{port} is not a TCP port (0-65535)")
+        _check(
+            self.port == 0 or self.port != self.metrics_port,
+            "--metrics-port",
+            f"{self.metrics_port} is also the echo port",
+        )
+        _check(1 <= self.workers <= 10_000, "--workers", "must be between 1 and 10000")
+        _check(1 <= self.queue_size <= 100_000, "--queue-size", "must be between 1 and 100000")
+        _check(1 <= self.backlog <= 65535, "--backlog", "must be between 1 and 65535")
+        for flag, seconds in (
+            ("--idle-timeout", self.idle_timeout),
+            ("--send-timeout", self.send_timeout),
+            ("--watchdog-timeout", self.watchdog_timeout),
+        ):
+            _check(seconds is None or 0 < seconds <= 86_400, flag, "must be 0 (off) to 86400 s")
+        _check(
+            self.stack_size == 0
+            or (self.stack_size >= MIN_STACK_SIZE and self.stack_size % PAGE_SIZE == 0),
+            "--stack-size",
+            f"must be 0 (system default) or a multiple of {PAGE_SIZE} of at least {MIN_STACK_SIZE}",
+        )
+        if self.watchdog_timeout is not None:
+            # Defended workers legitimately stall for up to a timeout; the
+            # watchdog must not mistake that for a hang.
+            for flag, seconds in (
+                ("--idle-timeout", self.idle_timeout),
+                ("--send-timeout", self.send_timeout),
+            ):
+                _check(
+                    seconds is None or seconds < self.watchdog_timeout,
+                    "--watchdog-timeout",
+                    f"must be longer than {flag} ({seconds:g} s)" if seconds else "",
+                )
+        _check(
+            logging.getLevelName(self.log_level) != f"Level {self.log_level}",
+            "--log-level",
+            "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        )
+
+    @property
+    def bounded(self) -> bool:
+        return self.model != "threads"
+
+
+def _check(ok: bool, flag: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag}: {problem}")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line and exit 2, never a usage dump or a traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m services",
+        description="A TCP echo server whose threading model is chosen at start. Every flag "
+        "falls back to the ECHO_* variable shown; a flag given on the command line wins.",
+    )
+    add = parser.add_argument
+    add(
+        "--model",
+        help="threading model: executor (bounded ThreadPoolExecutor), queue "
+        "(bounded queue.Queue + N workers) or threads (a new thread per connection, "
+        "unbounded) [ECHO_MODEL]",
+    )
+    add("--host", help="address to listen on, echo and metrics [ECHO_HOST, default 127.0.0.1]")
+    add(
+        "--port",
+        help="echo port; 0 picks a free one [ECHO_PORT, default 15001/15002/15003 by model]",
+    )
+    add(
+        "--metrics-port",
+        help="Prometheus /metrics port; 0 picks a free one "
+        "[ECHO_METRICS_PORT, default 9101/9102/9103 by model]",
+    )
+    add("--workers", help="worker threads of the bounded models [ECHO_WORKERS, default 32]")
+    add(
+        "--queue-size",
+        help="connections that may wait for a worker before new ones are "
+        "rejected (bounded models) [ECHO_QUEUE_SIZE, default 64]",
+    )
+    add(
+        "--idle-timeout",
+        help="seconds a connection may send nothing before it is closed; "
+        "0 turns it off [ECHO_IDLE_TIMEOUT, default 10 for executor/queue, off for threads]",
+    )
+    add(
+        "--send-timeout",
+        help="seconds one echo may take to drain to a client that does not "
+        "read; 0 turns it off [ECHO_SEND_TIMEOUT, default 10 for executor/queue, off for threads]",
+    )
+    add(
+        "--stack-size",
+        help="bytes of stack per connection thread (threads model); 0 means "
+        "the system default [ECHO_STACK_SIZE, default 65536]",
+    )
+    add("--backlog", help="listen backlog [ECHO_BACKLOG, default 1024]")
+    add(
+        "--watchdog-timeout",
+        help="seconds without progress, while work waits, before the "
+        "server reports a hang and exits with status 70; 0 turns it off "
+        "[ECHO_WATCHDOG_TIMEOUT, default 60]",
+    )
+    add("--log-level", help="DEBUG, INFO, WARNING or ERROR [ECHO_LOG_LEVEL, default INFO]")
+    return parser
+
+
+T = TypeVar("T")
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build a `Config` from flags, then `ECHO_*` variables, then defaults.
+
+    Raises `ConfigError` for a bad value; `argparse` exits 2 for a bad flag.
+    """
+    args = vars(build_parser().parse_args(argv))
+    env = os.environ if env is None else env
+
+    def raw(name: str) -> tuple[str, str] | None:
+        """The value and where it came from, for error messages."""
+        flag, var = "--" + name.replace("_", "-"), "ECHO_" + name.upper()
+        if args[name] is not None:
+            return args[name], flag
+        if env.get(var, "").strip():
+            return env[var].strip(), f"{var} (environment)"
+        return None
+
+    def get(name: str, convert: Callable[[str], T], default: T) -> T:
+        found = raw(name)
+        if found is None:
+            return default
+        value, source = found
+        try:
+            return convert(value)
+        except ValueError:
+            raise ConfigError(f"{source}: {value!r} is not a valid {convert.__name__}") from None
+
+    model_found = raw("model")
+    if model_found is None:
+        raise ConfigError("--model: required (or set ECHO_MODEL): executor, queue or threads")
+    model, source = model_found
+    if model not in MODELS:
+        raise ConfigError(f"{source}: {model!r} is not one of {', '.join(MODELS)}")
+    defended = DEFAULT_IDLE_TIMEOUT if model != "threads" else 0.0
+    send_default = DEFAULT_SEND_TIMEOUT if model != "threads" else 0.0
+    try:
+        return Config(
+            model=model,
+            host=get("host", str, Config.host),
+            port=get("port", integer, DEFAULT_PORTS[model]),
+            metrics_port=get("metrics_port", integer, DEFAULT_METRICS_PORTS[model]),
+            workers=get("workers", integer, Config.workers),
+            queue_size=get("queue_size", integer, Config.queue_size),
+            idle_timeout=_off_if_zero(get("idle_timeout", seconds, defended)),
+            send_timeout=_off_if_zero(get("send_timeout", seconds, send_default)),
+            stack_size=get("stack_size", integer, Config.stack_size),
+            backlog=get("backlog", integer, Config.backlog),
+            watchdog_timeout=_off_if_zero(get("watchdog_timeout", seconds, 60.0)),
+            log_level=get("log_level", str, Config.log_level).upper(),
+        )
+    except ConfigError as error:
+        raise ConfigError(_name_source(str(error), raw)) from None
+
+
+def _name_source(message: str, raw: Callable[[str], tuple[str, str] | None]) -> str:
+    """Rewrite '--flag: ...' as 'ECHO_FLAG (environment): ...' when the value came from there."""
+    flag, _, rest = message.partition(":")
+    found = raw(flag.removeprefix("--").replace("-", "_")) if flag.startswith("--") else None
+    return f"{found[1]}:{rest}" if found else message
+
+
+def _off_if_zero(value: float) -> float | None:
+    return None if value == 0 else value
+
+
+def integer(text: str) -> int:
+    return int(text, 10)
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value

@@ -1,0 +1,188 @@
+"""Prometheus exposition: a collector that reads the lock-protected counters at scrape time,
+and a single-threaded HTTP server for it.
+
+prometheus-client's `start_http_server` starts a thread per request; under a
+thread-exhaustion attack that is exactly what fails, so /metrics is served by
+one thread, one request at a time, each bounded by a socket timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from services.base import PortInUseError, Server
+from services.watchdog import Watchdog
+
+log = logging.getLogger("echo.metrics")
+
+_REQUEST_TIMEOUT = 5.0  # a scraper that stalls cannot hold the one metrics thread longer
+
+
+class EchoCollector(Collector):
+    def __init__(self, server: Server, watchdog: Watchdog | None = None) -> None:
+        self._server = server
+        self._watchdog = watchdog
+
+    def collect(self) -> Iterator[Metric]:
+        server, config = self._server, self._server.config
+        stats = server.stats.snapshot()
+        yield InfoMetricFamily(
+            "echo_server",
+            "The threading model and its settings.",
+            value={
+                "model": config.model,
+                "workers": str(config.workers) if config.bounded else "unbounded",
+                "queue_size": str(config.queue_size) if config.bounded else "none",
+                "idle_timeout_seconds": _seconds_label(config.idle_timeout),
+                "send_timeout_seconds": _seconds_label(config.send_timeout),
+                "stack_size_bytes": str(config.stack_size) if not config.bounded else "default",
+            },
+        )
+        yield _counter("connections_accepted", "Connections accepted.", stats.accepted)
+        yield _gauge("connections_active", "Connections open: queued or served.", stats.active)
+        yield _labeled_counter(
+            "connections_rejected", "Connections closed unserved, by reason.", stats.rejected
+        )
+        yield _labeled_counter(
+            "connections_closed", "Served connections that ended, by reason.", stats.closed
+        )
+        yield _labeled_counter(
+            "accept_errors",
+            "accept() failures, by errno name.",
+            server.stats.accept_errors.values(),
+            label="errno",
+        )
+        yield _counter("received_bytes", "Bytes read from clients.", stats.received_bytes)
+        yield _counter("sent_bytes", "Bytes echoed back to clients.", stats.sent_bytes)
+        yield _counter("messages", "Reads echoed back (one per recv).", stats.messages)
+        yield _gauge(
+            "worker_threads",
+            "Threads that serve connections (pool size, or one per connection).",
+            server.stats.worker_threads.value,
+        )
+        yield _gauge("workers_busy", "Connections being served right now.", stats.busy)
+        yield _gauge("queue_depth", "Connections waiting for a worker.", stats.queued)
+        yield _gauge("queue_capacity", "Connections that may wait.", server.queue_capacity)
+        yield _gauge("threads", "Live threads in the process.", threading.active_count())
+        yield _counter(
+            "thread_start_failures",
+            "Connection threads the OS refused to start.",
+            server.stats.thread_start_failures.value,
+        )
+        if self._watchdog is not None:
+            yield _gauge("watchdog_timeout_seconds", "Stall allowed.", self._watchdog.timeout)
+            yield _gauge(
+                "watchdog_stalled_seconds",
+                "How long work has waited without progress.",
+                self._watchdog.stalled_seconds,
+            )
+            yield _gauge(
+                "watchdog_tripped", "1 once a hang was detected.", int(self._watchdog.tripped)
+            )
+
+
+def _seconds_label(seconds: float | None) -> str:
+    return "off" if seconds is None else f"{seconds:g}"
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"echo_{name}", documentation, value=value)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"echo_{name}", documentation, value=value)
+
+
+def _labeled_counter(
+    name: str, documentation: str, values: dict[str, int], label: str = "reason"
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"echo_{name}", documentation, labels=[label])
+    for value_label, value in sorted(values.items()):
+        family.add_metric([value_label], value)
+    return family
+
+
+def build_registry(server: Server, watchdog: Watchdog | None = None) -> CollectorRegistry:
+    """A fresh registry with the echo collector and the standard process metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EchoCollector(server, watchdog))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = _REQUEST_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class _QuietServer(WSGIServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+
+class _QuietServer6(_QuietServer):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """Serves /metrics from one daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        try:
+            self._httpd: WSGIServer = make_server(
+                host,
+                port,
+                make_wsgi_app(registry),
+                server_class=_QuietServer6 if ":" in host else _QuietServer,
+                handler_class=_QuietHandler,
+            )
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise PortInUseError(
+                    error.errno, f"metrics port {host}:{port} is already in use"
+                ) from None
+            raise
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="echo-metrics", daemon=True
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+
+
+def samples(families: Iterable[Metric]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Flatten metric families into {(name, sorted labels): value}, for tests and tools."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in families
+        for sample in family.samples
+    }

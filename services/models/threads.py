@@ -1,0 +1,49 @@
+"""`threads`: one new thread per connection, with a reduced stack. Deliberately unbounded.
+
+This is the control group: nothing limits how many threads an attacker makes
+it start. The reduced stack (64 KiB by default) saves address space, not
+resident memory. When the OS refuses a thread, the connection is closed and
+counted, and the server keeps accepting.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from services.base import RateLimitedLog, Server
+
+log = logging.getLogger("echo.threads")
+
+
+class ThreadPerConnectionServer(Server):
+    model = "threads"
+
+    def start_workers(self) -> None:
+        # The stack size is process-wide; remember the old one to put it back.
+        self._previous_stack_size = threading.stack_size(self.config.stack_size)
+        self._refusals = RateLimitedLog(log)
+
+    def dispatch(self, conn: socket.socket) -> None:
+        thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+        try:
+            thread.start()
+        except (RuntimeError, MemoryError) as error:  # out of threads or address space
+            self.stats.thread_start_failures.incr()
+            self._refusals.warning("cannot start a thread for a new connection: %s", error)
+            self.reject(conn, "thread_start_failed")
+
+    def _run(self, conn: socket.socket) -> None:
+        self.stats.worker_threads.incr()
+        try:
+            self.serve(conn)
+        finally:
+            self.stats.worker_threads.decr()
+
+    def stop_workers(self, deadline: float) -> bool:
+        threading.stack_size(self._previous_stack_size)
+        while self.stats.worker_threads.value and time.monotonic() < deadline:
+            self.wait_stopped(0.05)
+        return not self.stats.worker_threads.value

@@ -1,0 +1,239 @@
+"""Helpers shared by the tests: deadlines, servers in-process and as processes, raw clients."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.app import Service
+from services.config import Config
+from services.metrics import samples
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTUALLY = 30.0  # generous: this machine can freeze a process for seconds
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = EVENTUALLY, what: str = "condition"
+) -> Any:
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    interval = 0.005
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)  # a poll step under a deadline, not a wait for an outcome
+        interval = min(interval * 2, 0.1)
+
+
+def config(model: str, **overrides: Any) -> Config:
+    """A config for tests: loopback, free ports, and whatever the test overrides."""
+    base = Config(model=model, port=0, metrics_port=0, log_level="DEBUG")
+    if model == "threads":
+        base = replace(base, idle_timeout=None, send_timeout=None)
+    return replace(base, **overrides)
+
+
+class RunningService:
+    def __init__(self, service: Service, thread: threading.Thread) -> None:
+        self.service = service
+        self.thread = thread
+        self.clean: bool | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.service.address
+
+    @property
+    def stats(self) -> Any:
+        return self.service.server.stats
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.service.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+@contextlib.contextmanager
+def running(model: str, on_trip: Callable[[str], None] | None = None, **overrides: Any) -> Iterator[RunningService]:
+    """Serve `model` on a thread of this process; always stopped and joined on exit."""
+    cfg = config(model, **overrides)
+    service = Service(cfg, on_trip) if on_trip else Service(cfg)
+    handle: RunningService
+
+    def serve() -> None:
+        handle.clean = service.serve()
+
+    handle = RunningService(service, threading.Thread(target=serve, name=f"serve-{model}"))
+    handle.thread.start()
+    try:
+        yield handle
+    finally:
+        service.server.stop()
+        handle.thread.join(EVENTUALLY)
+        assert not handle.thread.is_alive(), "server did not stop"
+
+
+def connect(address: tuple[str, int], timeout: float = EVENTUALLY) -> socket.socket:
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = sock.recv(min(size - got, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def echo_once(address: tuple[str, int], payload: bytes, timeout: float = EVENTUALLY) -> bytes:
+    """Send `payload` on a fresh connection, half-close, and read all that comes back."""
+    with connect(address, timeout) as sock:
+        sender = threading.Thread(target=_send_and_shut, args=(sock, payload))
+        sender.start()
+        received = recv_exactly(sock, len(payload) + 1)
+        sender.join(timeout)
+    return received
+
+
+def _send_and_shut(sock: socket.socket, payload: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+
+
+def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    return recv_exactly(sock, len(payload))
+
+
+def is_served(address: tuple[str, int], timeout: float = 5.0) -> bool:
+    """One probe: a fresh connection gets a byte-exact echo within `timeout`."""
+    try:
+        with connect(address, timeout) as sock:
+            return roundtrip(sock, b"probe") == b"probe"
+    except OSError:
+        return False
+
+
+def held_open(sock: socket.socket) -> bool:
+    """True while the peer has not closed `sock` (nothing to read, no EOF)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
+def scrape(address: tuple[str, int], timeout: float = 5.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    host, port = address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:  # noqa: S310
+        text = response.read().decode()
+    return samples(text_string_to_metric_families(text))
+
+
+def metric(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class ServerProcess:
+    """`python -m services` as a child process; its log goes to a file we can read."""
+
+    READY = re.compile(r"ready model=\w+ echo=([\d.]+):(\d+) metrics=([\d.]+):(\d+)")
+
+    def __init__(self, log_path: Path, *args: str, preexec: Callable[[], None] | None = None, code: str | None = None) -> None:
+        self.log_path = log_path
+        command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "services", *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO_")}
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, preexec_fn=preexec
+            )
+        self.address: tuple[str, int] = ("", 0)
+        self.metrics_address: tuple[str, int] = ("", 0)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = EVENTUALLY) -> ServerProcess:
+        def ready() -> re.Match[str] | None:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            return self.READY.search(self.log())
+
+        match = wait_until(ready, timeout, "the server's ready line")
+        self.address = (match[1], int(match[2]))
+        self.metrics_address = (match[3], int(match[4]))
+        return self
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self, timeout: float = EVENTUALLY) -> int:
+        return self.process.wait(timeout)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        return int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(EVENTUALLY)
+
+
+@contextlib.contextmanager
+def server_process(tmp_path: Path, *args: str, **kwargs: Any) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path / "server.log", "--port", "0", "--metrics-port", "0", *args, **kwargs)
+    try:
+        yield proc.wait_ready()
+    except BaseException:
+        print(proc.log())
+        raise
+    finally:
+        proc.close()
+
+
+@contextlib.contextmanager
+def open_connections(address: tuple[str, int], count: int) -> Iterator[list[socket.socket]]:
+    """Open `count` idle connections (those the server refuses are kept too); close all on exit."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.settimeout(EVENTUALLY)
+            socks.append(sock)
+            sock.connect(address)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
