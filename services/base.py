@@ -93,6 +93,11 @@ class Server(ABC):
         """How many connections may wait for a worker (0 when none ever wait)."""
         return 0
 
+    @property
+    def capacity(self) -> int | None:
+        """Connections admitted at once (served or waiting); None for no limit."""
+        return None
+
     # -- lifecycle --------------------------------------------------------------
 
     def bind(self) -> tuple[str, int]:
@@ -201,7 +206,9 @@ class Server(ABC):
         return 0.0
 
     def _admit(self, conn: socket.socket) -> None:
-        self.stats.on_accept()
+        if not self.stats.on_accept(self.capacity):
+            conn.close()  # counted as rejected{queue_full}
+            return
         with self._open_guard.lock:
             self._open.add(conn)
         try:

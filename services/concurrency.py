@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 
@@ -93,8 +93,25 @@ class SharedCounter:
         with self.lock:
             return self._value
 
+    # For multi-counter transactions inside `locked()`: the caller holds the lock.
+
+    def add_locked(self, delta: int) -> None:
+        if not self.lock.locked():
+            raise RuntimeError("add_locked() outside locked()")
+        self._value += delta
+
+    def value_locked(self) -> int:
+        if not self.lock.locked():
+            raise RuntimeError("value_locked() outside locked()")
+        return self._value
+
     def __repr__(self) -> str:
         return f"SharedCounter({self.value})"
+
+
+def locked(*counters: SharedCounter) -> AbstractContextManager[None]:
+    """Hold every counter's lock (through `acquire()`) for a read-decide-write step."""
+    return acquire(*(counter.lock for counter in counters))
 
 
 def adjust(*changes: tuple[SharedCounter, int]) -> None:

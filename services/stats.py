@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.concurrency import SharedCounter, adjust, snapshot
+from services.concurrency import SharedCounter, adjust, locked, snapshot
 
 REJECT_REASONS = ("queue_full", "thread_start_failed", "shutting_down")
 CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown")
@@ -86,8 +86,19 @@ class ServerStats:
         self.worker_threads = SharedCounter()
         self.accept_loop_ticks = SharedCounter()
 
-    def on_accept(self) -> None:
-        adjust((self.accepted, 1), (self.queued, 1))
+    def on_accept(self, capacity: int | None) -> bool:
+        """Count an accepted connection and admit it, unless `capacity` are already in."""
+        full = self.rejected["queue_full"]
+        with locked(self.accepted, self.queued, self.busy, full):
+            self.accepted.add_locked(1)
+            if (
+                capacity is not None
+                and self.queued.value_locked() + self.busy.value_locked() >= capacity
+            ):
+                full.add_locked(1)
+                return False
+            self.queued.add_locked(1)
+            return True
 
     def on_reject(self, reason: str) -> None:
         adjust((self.queued, -1), (self.rejected[reason], 1))

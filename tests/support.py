@@ -71,7 +71,9 @@ class RunningService:
 
 
 @contextlib.contextmanager
-def running(model: str, on_trip: Callable[[str], None] | None = None, **overrides: Any) -> Iterator[RunningService]:
+def running(
+    model: str, on_trip: Callable[[str], None] | None = None, **overrides: Any
+) -> Iterator[RunningService]:
     """Serve `model` on a thread of this process; always stopped and joined on exit."""
     cfg = config(model, **overrides)
     service = Service(cfg, on_trip) if on_trip else Service(cfg)
@@ -150,14 +152,18 @@ def held_open(sock: socket.socket) -> bool:
         sock.setblocking(True)
 
 
-def scrape(address: tuple[str, int], timeout: float = 5.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(
+    address: tuple[str, int], timeout: float = 5.0
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     host, port = address
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:  # noqa: S310
         text = response.read().decode()
     return samples(text_string_to_metric_families(text))
 
 
-def metric(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def metric(
+    scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -166,9 +172,19 @@ class ServerProcess:
 
     READY = re.compile(r"ready model=\w+ echo=([\d.]+):(\d+) metrics=([\d.]+):(\d+)")
 
-    def __init__(self, log_path: Path, *args: str, preexec: Callable[[], None] | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        *args: str,
+        preexec: Callable[[], None] | None = None,
+        code: str | None = None,
+    ) -> None:
         self.log_path = log_path
-        command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "services", *args]
+        command = (
+            [sys.executable, "-c", code, *args]
+            if code
+            else [sys.executable, "-m", "services", *args]
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO_")}
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -203,7 +219,9 @@ class ServerProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_bytes(self) -> int:
-        return int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1]) * os.sysconf(
+            "SC_PAGE_SIZE"
+        )
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -213,7 +231,9 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(tmp_path: Path, *args: str, **kwargs: Any) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "server.log", "--port", "0", "--metrics-port", "0", *args, **kwargs)
+    proc = ServerProcess(
+        tmp_path / "server.log", "--port", "0", "--metrics-port", "0", *args, **kwargs
+    )
     try:
         yield proc.wait_ready()
     except BaseException:

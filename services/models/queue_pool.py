@@ -1,8 +1,10 @@
 """`queue`: the hand-rolled pool, a bounded `queue.Queue` and N worker threads.
 
 Each worker loops on `get()` for the life of the server (the recipe's worker
-served one connection and died). A full queue means the connection is closed
-at once and counted as rejected.
+served one connection and died). The queue holds what the workers have not
+picked up yet; the base admits at most `workers + queue_size` connections, so
+a burst that arrives faster than idle workers call `get()` is not turned away.
+A full pool means the connection is closed at once and counted as rejected.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class QueueServer(Server):
     model = "queue"
 
     def start_workers(self) -> None:
-        self._queue: queue.Queue[socket.socket | None] = queue.Queue(maxsize=self.config.queue_size)
+        self._queue: queue.Queue[socket.socket | None] = queue.Queue(maxsize=self.capacity)
         self._workers = [
             threading.Thread(target=self._work, name=f"echo-queue-{n}", daemon=True)
             for n in range(self.config.workers)
@@ -30,7 +32,11 @@ class QueueServer(Server):
 
     @property
     def queue_capacity(self) -> int:
-        return self._queue.maxsize
+        return self.config.queue_size
+
+    @property
+    def capacity(self) -> int:
+        return self.config.workers + self.config.queue_size
 
     def dispatch(self, conn: socket.socket) -> None:
         try:

@@ -1,0 +1,84 @@
+"""The bounded models reject what they cannot hold and free workers pinned by bad clients."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+
+import pytest
+
+from support import connect, echo_once, held_open, recv_exactly, roundtrip, running, wait_until
+
+BOUNDED = ["executor", "queue"]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    return wait_until(lambda: not held_open(sock), what="the server to close the connection")
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_fourth_connection_is_rejected_with_two_workers_and_a_queue_of_one(model: str) -> None:
+    with running(model, workers=2, queue_size=1) as server:
+        stats = server.stats
+        with connect(server.address) as first, connect(server.address) as second:
+            assert roundtrip(first, b"1") == b"1"
+            assert roundtrip(second, b"2") == b"2"
+            assert stats.busy.value == 2
+            with connect(server.address) as third:
+                third.sendall(b"3")
+                wait_until(lambda: stats.queued.value == 1, what="the third connection to queue")
+                with connect(server.address) as fourth:
+                    assert closed_by_server(fourth)
+                    assert (
+                        server.sample("echo_connections_rejected_total", reason="queue_full") == 1
+                    )
+                    assert server.sample("echo_queue_depth") == 1
+                    assert server.sample("echo_workers_busy") == 2
+                # A worker frees up: the queued connection is served, nothing was lost.
+                first.close()
+                assert recv_exactly(third, 1) == b"3"
+        assert stats.rejected["queue_full"].value == 1
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_idle_connection_is_closed_and_the_worker_serves_the_next(model: str) -> None:
+    with running(model, workers=1, queue_size=1, idle_timeout=1.0) as server:
+        with connect(server.address) as idle, connect(server.address) as waiting:
+            waiting.sendall(b"next")
+            assert closed_by_server(idle)
+            assert recv_exactly(waiting, 4) == b"next"
+        assert server.sample("echo_connections_closed_total", reason="idle") == 1
+
+
+@pytest.mark.parametrize("model", [*BOUNDED, "threads"])
+def test_client_that_never_reads_frees_its_worker_after_the_send_timeout(model: str) -> None:
+    with running(model, workers=1, queue_size=1, idle_timeout=30.0, send_timeout=1.0) as server:
+        flood = connect(server.address)
+        flood.settimeout(60)
+
+        def send_without_reading() -> None:
+            with contextlib.suppress(OSError):  # the server gives up on us: reset or broken pipe
+                flood.sendall(os.urandom(10 * 1024 * 1024))
+
+        sender = threading.Thread(target=send_without_reading)
+        sender.start()
+        try:
+            wait_until(
+                lambda: server.stats.closed["slow_reader"].value == 1,
+                what="the slow reader to be cut off",
+            )
+            assert echo_once(server.address, b"served") == b"served"
+        finally:
+            flood.close()
+            sender.join(60)
+
+
+def test_threads_model_has_no_timeouts_by_default() -> None:
+    with running("threads", idle_timeout=None) as server:
+        assert server.service.config.idle_timeout is None
+        with connect(server.address) as idle:
+            wait_until(lambda: server.stats.busy.value == 1, what="the idle connection's thread")
+            assert held_open(idle)
+            assert roundtrip(idle, b"later") == b"later"

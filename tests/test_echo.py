@@ -1,0 +1,147 @@
+"""Every model echoes every byte, in order, to many clients at once, and counts it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.config import MODELS
+from support import RunningService, connect, echo_once, recv_exactly, roundtrip, running, wait_until
+
+
+@pytest.fixture(params=MODELS, scope="module")
+def server(request: pytest.FixtureRequest) -> Iterator[RunningService]:
+    with running(request.param, workers=64, queue_size=512) as handle:
+        yield handle
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(payload=st.one_of(st.binary(max_size=4096), st.integers(0, 1 << 20).map(os.urandom)))
+def test_echoes_any_payload_byte_exact(server: RunningService, payload: bytes) -> None:
+    assert echo_once(server.address, payload) == payload
+
+
+def test_many_messages_on_one_connection(server: RunningService) -> None:
+    with connect(server.address) as sock:
+        for size in (1, 7, 1000, 65536, 65537, 300_000):
+            payload = os.urandom(size)
+            assert roundtrip(sock, payload) == payload
+
+
+def test_200_concurrent_clients(server: RunningService) -> None:
+    failures: list[str] = []
+    start = threading.Barrier(200, timeout=60)
+
+    def client(n: int) -> None:
+        try:
+            with connect(server.address) as sock:
+                start.wait()
+                for round_ in range(5):
+                    payload = struct.pack("!II", n, round_) * (1 + n % 50)
+                    if roundtrip(sock, payload) != payload:
+                        failures.append(f"client {n} round {round_}: wrong bytes")
+        except (OSError, threading.BrokenBarrierError) as error:
+            failures.append(f"client {n}: {error!r}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert failures == []
+
+
+def test_half_close_echoes_the_rest_then_closes(server: RunningService) -> None:
+    payload = os.urandom(200_000)
+    with connect(server.address) as sock:
+        sock.sendall(payload[:1000])
+        assert recv_exactly(sock, 1000) == payload[:1000]
+        # Send the rest and half-close without reading: the server must still
+        # echo all of it before it closes its side.
+        sender = threading.Thread(
+            target=lambda: (sock.sendall(payload[1000:]), sock.shutdown(socket.SHUT_WR))
+        )
+        sender.start()
+        rest = recv_exactly(sock, len(payload))
+        sender.join(30)
+        assert rest == payload[1000:]
+        assert sock.recv(1) == b""  # and then EOF
+
+
+def test_abrupt_reset_does_not_kill_the_worker(server: RunningService) -> None:
+    before = server.stats.closed["reset"].value + server.stats.closed["eof"].value
+    for _ in range(20):
+        sock = connect(server.address)
+        sock.sendall(os.urandom(100_000))
+        # SO_LINGER 0: close() sends RST instead of FIN, with echoes still unread.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    wait_until(
+        lambda: (
+            server.stats.closed["reset"].value + server.stats.closed["eof"].value >= before + 20
+        ),
+        what="all 20 reset connections to be closed",
+    )
+    assert echo_once(server.address, b"still alive") == b"still alive"
+
+
+def test_metrics_match_the_traffic() -> None:
+    for model in MODELS:
+        with running(model, workers=4, queue_size=8) as handle:
+            sizes = [0, 1, 5000, 70_000]
+            for size in sizes:
+                payload = os.urandom(size)
+                assert echo_once(handle.address, payload) == payload
+            wait_until(lambda: handle.stats.snapshot().closed["eof"] == len(sizes), what="closes")
+            total = sum(sizes)
+            assert handle.sample("echo_connections_accepted_total") == len(sizes)
+            assert handle.sample("echo_connections_closed_total", reason="eof") == len(sizes)
+            assert handle.sample("echo_connections_active") == 0
+            assert handle.sample("echo_received_bytes_total") == total
+            assert handle.sample("echo_sent_bytes_total") == total
+            assert handle.sample("echo_messages_total") >= 2  # reads are chunked by the kernel
+            assert handle.sample("echo_server_info", model=model, **_info_labels(handle)) == 1
+            assert handle.sample("process_open_fds") > 0
+            assert handle.sample("echo_threads") >= 2
+
+
+def _info_labels(handle: RunningService) -> dict[str, str]:
+    for family in handle.service.registry.collect():
+        if family.name == "echo_server":
+            return {k: v for k, v in family.samples[0].labels.items() if k != "model"}
+    raise AssertionError("no echo_server_info")
+
+
+def test_every_scrape_balances_under_load(server: RunningService) -> None:
+    """accepted == active + rejected + closed, and active == queued + busy, at every instant."""
+    done = threading.Event()
+
+    def traffic() -> None:
+        for _ in range(150):
+            echo_once(server.address, b"x" * 100)
+        done.set()
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    scrapes = 0
+    while not done.is_set() or scrapes == 0:
+        s = server.stats.snapshot()
+        assert s.accepted == s.active + sum(s.rejected.values()) + sum(s.closed.values())
+        samples = {f.name: f for f in server.service.registry.collect()}
+        assert samples["echo_connections_active"].samples[0].value == (
+            samples["echo_queue_depth"].samples[0].value
+            + samples["echo_workers_busy"].samples[0].value
+        )
+        scrapes += 1
+    thread.join(60)
