@@ -130,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"python -m services: error: {error}", file=sys.stderr)
         return 2
+    # Log records would otherwise call threading.current_thread(), which leaves a
+    # never-freed dummy Thread behind for every `_thread` connection thread.
+    logging.logThreads = False
     logging.basicConfig(
         level=config.log_level,
         format=f"%(asctime)s %(levelname)s {config.model}: %(message)s",

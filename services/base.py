@@ -67,6 +67,7 @@ class Server(ABC):
         self.stats = ServerStats()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._accepting = threading.Event()
         self._listener: socket.socket | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)
@@ -144,6 +145,9 @@ class Server(ABC):
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    def wait_accepting(self, timeout: float | None = None) -> bool:
+        return self._accepting.wait(timeout)
+
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
@@ -169,13 +173,20 @@ class Server(ABC):
         with selectors.DefaultSelector() as selector:
             selector.register(listener, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
+            self._accepting.set()
             while not self._stopping.is_set():
                 self.stats.accept_loop_ticks.incr()
                 if backoff:
                     self._stopping.wait(backoff)
                 if not selector.select(_TICK):
                     continue
-                backoff = self._accept_batch(listener, backoff)
+                try:
+                    backoff = self._accept_batch(listener, backoff)
+                except MemoryError:
+                    # Anything can fail to allocate when memory runs out (the
+                    # threads model under an address-space limit does this).
+                    # The connection in hand, if any, is closed by the GC.
+                    backoff = self._accept_failed(errno.ENOMEM, backoff)
 
     def _accept_batch(self, listener: socket.socket, backoff: float) -> float:
         """Accept what is waiting; return the back-off to apply before the next try."""
@@ -209,10 +220,13 @@ class Server(ABC):
         if not self.stats.on_accept(self.capacity):
             conn.close()  # counted as rejected{queue_full}
             return
-        with self._open_guard.lock:
-            self._open.add(conn)
         try:
+            with self._open_guard.lock:
+                self._open.add(conn)
             self.dispatch(conn)
+        except MemoryError:
+            self.reject(conn, "out_of_memory")
+            self._warn.warning("out of memory while admitting a connection; closed it")
         except Exception:
             log.exception("dispatch failed; closing the connection")
             self.reject(conn, "thread_start_failed")
@@ -248,10 +262,11 @@ class Server(ABC):
         except Exception:
             log.exception("unexpected error while serving a connection")
         finally:
+            # Close first: if memory has run out, counting may fail, closing rarely does.
+            self._forget(conn)
             if self._stopping.is_set() and reason in ("eof", "reset", "error"):
                 reason = "shutdown"
             self.stats.on_close(reason)
-            self._forget(conn)
 
     def _shutdown(self, listener: socket.socket) -> bool:
         """Stop accepting, give open connections a moment, then cut them and join workers."""

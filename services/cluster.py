@@ -45,7 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     busy = [
         f"{args.host}:{port} ({model} {kind})"
         for model in MODELS
-        for kind, port in (("echo", DEFAULT_PORTS[model]), ("metrics", DEFAULT_METRICS_PORTS[model]))
+        for kind, port in (
+            ("echo", DEFAULT_PORTS[model]),
+            ("metrics", DEFAULT_METRICS_PORTS[model]),
+        )
         if port_in_use(args.host, port)
     ]
     if busy:
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     env = {k: v for k, v in os.environ.items() if k not in ("ECHO_PORT", "ECHO_METRICS_PORT")}
     children = {
-        model: subprocess.Popen(
+        model: subprocess.Popen(  # noqa: S603 (our own interpreter and module)
             [sys.executable, "-m", "services", "--model", model, "--host", args.host],
             env=env,
             # Ctrl-C reaches only this process, which then stops each child once, by SIGTERM.
@@ -82,8 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     while not stop_requested:
         exited = {m: c.returncode for m, c in children.items() if c.poll() is not None}
         if exited:
-            print(f"up-local: {', '.join(f'{m} exited with {rc}' for m, rc in exited.items())}; "
-                  "stopping the rest", file=sys.stderr)
+            print(
+                f"up-local: {', '.join(f'{m} exited with {rc}' for m, rc in exited.items())}; "
+                "stopping the rest",
+                file=sys.stderr,
+            )
             status = 1
             break
         with contextlib.suppress(subprocess.TimeoutExpired):

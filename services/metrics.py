@@ -79,7 +79,7 @@ class EchoCollector(Collector):
         yield _gauge("workers_busy", "Connections being served right now.", stats.busy)
         yield _gauge("queue_depth", "Connections waiting for a worker.", stats.queued)
         yield _gauge("queue_capacity", "Connections that may wait.", server.queue_capacity)
-        yield _gauge("threads", "Live threads in the process.", threading.active_count())
+        yield _gauge("threads", "Live OS threads in the process.", os_thread_count())
         yield _counter(
             "thread_start_failures",
             "Connection threads the OS refused to start.",
@@ -95,6 +95,18 @@ class EchoCollector(Collector):
             yield _gauge(
                 "watchdog_tripped", "1 once a hang was detected.", int(self._watchdog.tripped)
             )
+
+
+def os_thread_count() -> int:
+    """Threads the kernel sees; `threading.active_count()` misses low-level `_thread` ones."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return threading.active_count()
 
 
 def _seconds_label(seconds: float | None) -> str:

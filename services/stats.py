@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from services.concurrency import SharedCounter, adjust, locked, snapshot
 
-REJECT_REASONS = ("queue_full", "thread_start_failed", "shutting_down")
+REJECT_REASONS = ("queue_full", "thread_start_failed", "out_of_memory")
 CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown")
 
 

@@ -85,6 +85,7 @@ def running(
     handle = RunningService(service, threading.Thread(target=serve, name=f"serve-{model}"))
     handle.thread.start()
     try:
+        assert service.server.wait_accepting(EVENTUALLY), "server did not start accepting"
         yield handle
     finally:
         service.server.stop()
@@ -112,14 +113,14 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
 def echo_once(address: tuple[str, int], payload: bytes, timeout: float = EVENTUALLY) -> bytes:
     """Send `payload` on a fresh connection, half-close, and read all that comes back."""
     with connect(address, timeout) as sock:
-        sender = threading.Thread(target=_send_and_shut, args=(sock, payload))
+        sender = threading.Thread(target=send_and_shut, args=(sock, payload))
         sender.start()
         received = recv_exactly(sock, len(payload) + 1)
         sender.join(timeout)
     return received
 
 
-def _send_and_shut(sock: socket.socket, payload: bytes) -> None:
+def send_and_shut(sock: socket.socket, payload: bytes) -> None:
     with contextlib.suppress(OSError):
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
@@ -156,7 +157,7 @@ def scrape(
     address: tuple[str, int], timeout: float = 5.0
 ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     host, port = address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:
         text = response.read().decode()
     return samples(text_string_to_metric_families(text))
 
@@ -176,7 +177,6 @@ class ServerProcess:
         self,
         log_path: Path,
         *args: str,
-        preexec: Callable[[], None] | None = None,
         code: str | None = None,
     ) -> None:
         self.log_path = log_path
@@ -188,7 +188,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO_")}
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, preexec_fn=preexec
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
             )
         self.address: tuple[str, int] = ("", 0)
         self.metrics_address: tuple[str, int] = ("", 0)
@@ -230,9 +230,12 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_process(tmp_path: Path, *args: str, **kwargs: Any) -> Iterator[ServerProcess]:
+def server_process(
+    tmp_path: Path, *args: str, code: str | None = None, code_args: tuple[str, ...] = ()
+) -> Iterator[ServerProcess]:
+    """A server process on free ports; `code` replaces `-m services`, given `code_args` first."""
     proc = ServerProcess(
-        tmp_path / "server.log", "--port", "0", "--metrics-port", "0", *args, **kwargs
+        tmp_path / "server.log", *code_args, "--port", "0", "--metrics-port", "0", *args, code=code
     )
     try:
         yield proc.wait_ready()

@@ -15,7 +15,7 @@ BOUNDED = ["executor", "queue"]
 
 
 def closed_by_server(sock: socket.socket) -> bool:
-    return wait_until(lambda: not held_open(sock), what="the server to close the connection")
+    return bool(wait_until(lambda: not held_open(sock), what="the server to close the connection"))
 
 
 @pytest.mark.parametrize("model", BOUNDED)

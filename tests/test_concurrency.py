@@ -99,9 +99,8 @@ def test_held_list_is_intact_after_a_lock_order_error() -> None:
     x, y, z = sorted((threading.Lock(), threading.Lock(), threading.Lock()), key=id)
     with acquire(y):
         assert held_locks() == (y,)
-        with pytest.raises(LockOrderError):
-            with acquire(x, z):
-                pass  # pragma: no cover
+        with pytest.raises(LockOrderError), acquire(x, z):
+            pass  # pragma: no cover
         assert held_locks() == (y,)
         assert not x.locked() and not z.locked()
         with acquire(z):
@@ -113,20 +112,17 @@ def test_held_list_is_intact_after_a_lock_order_error() -> None:
 
 def test_held_list_is_intact_after_an_exception_inside() -> None:
     x, y = threading.Lock(), threading.Lock()
-    with pytest.raises(ZeroDivisionError):
-        with acquire(x, y):
-            assert set(held_locks()) == {x, y}
-            _ = 1 / 0
+    with pytest.raises(ZeroDivisionError), acquire(x, y):
+        assert set(held_locks()) == {x, y}
+        _ = 1 / 0
     assert held_locks() == ()
     assert not x.locked() and not y.locked()
 
 
 def test_reacquiring_a_held_lock_is_an_error_not_a_deadlock() -> None:
     lock = threading.Lock()
-    with acquire(lock):
-        with pytest.raises(LockOrderError):
-            with acquire(lock):
-                pass  # pragma: no cover
+    with acquire(lock), pytest.raises(LockOrderError), acquire(lock):
+        pass  # pragma: no cover
     assert not lock.locked()
 
 

@@ -13,7 +13,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.config import MODELS
-from support import RunningService, connect, echo_once, recv_exactly, roundtrip, running, wait_until
+from support import (
+    RunningService,
+    connect,
+    echo_once,
+    recv_exactly,
+    roundtrip,
+    running,
+    send_and_shut,
+    wait_until,
+)
 
 
 @pytest.fixture(params=MODELS, scope="module")
@@ -69,9 +78,7 @@ def test_half_close_echoes_the_rest_then_closes(server: RunningService) -> None:
         assert recv_exactly(sock, 1000) == payload[:1000]
         # Send the rest and half-close without reading: the server must still
         # echo all of it before it closes its side.
-        sender = threading.Thread(
-            target=lambda: (sock.sendall(payload[1000:]), sock.shutdown(socket.SHUT_WR))
-        )
+        sender = threading.Thread(target=send_and_shut, args=(sock, payload[1000:]))
         sender.start()
         rest = recv_exactly(sock, len(payload))
         sender.join(30)
@@ -103,7 +110,8 @@ def test_metrics_match_the_traffic() -> None:
             for size in sizes:
                 payload = os.urandom(size)
                 assert echo_once(handle.address, payload) == payload
-            wait_until(lambda: handle.stats.snapshot().closed["eof"] == len(sizes), what="closes")
+            count = len(sizes)
+            wait_until(lambda: handle.stats.snapshot().closed["eof"] == count, what="closes")  # noqa: B023
             total = sum(sizes)
             assert handle.sample("echo_connections_accepted_total") == len(sizes)
             assert handle.sample("echo_connections_closed_total", reason="eof") == len(sizes)

@@ -30,6 +30,7 @@ from support import (
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "services", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
@@ -84,15 +85,18 @@ def test_watchdog_detects_hung_workers_and_exits_non_zero(model: str, tmp_path: 
         "--watchdog-timeout",
         "3",
     )
-    with server_process(tmp_path, *args, code=HANG_WORKERS) as server:
-        with connect(server.address) as hung, connect(server.address) as waiting:
-            hung.sendall(b"x")
-            waiting.sendall(b"y")
-            tripped = wait_until(
-                lambda: _tripped(server), timeout=30, what="the watchdog to report the hang"
-            )
-            assert tripped == 1.0
-            code = server.wait(30)
+    with (
+        server_process(tmp_path, *args, code=HANG_WORKERS) as server,
+        connect(server.address) as hung,
+        connect(server.address) as waiting,
+    ):
+        hung.sendall(b"x")
+        waiting.sendall(b"y")
+        tripped = wait_until(
+            lambda: _tripped(server), timeout=30, what="the watchdog to report the hang"
+        )
+        assert tripped == 1.0
+        code = server.wait(30)
     assert code == 70, server.log()
     assert re.search(
         r"watchdog: workers made no progress for [\d.]+ s with 1 waiting", server.log()
@@ -244,6 +248,7 @@ def test_up_local_refuses_a_busy_port() -> None:
         squatter.listen()
         result = subprocess.run(
             [sys.executable, "-m", "services.cluster"],
+            check=False,
             capture_output=True,
             text=True,
             timeout=60,

@@ -4,10 +4,17 @@ This is the control group: nothing limits how many threads an attacker makes
 it start. The reduced stack (64 KiB by default) saves address space, not
 resident memory. When the OS refuses a thread, the connection is closed and
 counted, and the server keeps accepting.
+
+Threads are started with `_thread.start_new_thread`, not `threading.Thread`:
+`Thread.start()` waits for the new thread to report in, and under memory
+exhaustion a new thread can die before it does, which hangs the accept loop
+for good (seen in this project's address-space test). The low-level call
+returns as soon as the OS has made the thread, or raises when it refuses.
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
 import socket
 import threading
@@ -27,9 +34,8 @@ class ThreadPerConnectionServer(Server):
         self._refusals = RateLimitedLog(log)
 
     def dispatch(self, conn: socket.socket) -> None:
-        thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
         try:
-            thread.start()
+            _thread.start_new_thread(self._run, (conn,))
         except (RuntimeError, MemoryError) as error:  # out of threads or address space
             self.stats.thread_start_failures.incr()
             self._refusals.warning("cannot start a thread for a new connection: %s", error)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from services.config import Config, ConfigError, parse_config
+
+
+def test_defaults_follow_the_model() -> None:
+    executor = parse_config(["--model", "executor"], env={})
+    threads = parse_config(["--model", "threads"], env={})
+    assert (executor.port, executor.metrics_port) == (15001, 9101)
+    assert (parse_config(["--model", "queue"], env={}).port) == 15002
+    assert (threads.port, threads.metrics_port) == (15003, 9103)
+    assert executor.idle_timeout == 10.0 and executor.send_timeout == 10.0
+    assert threads.idle_timeout is None and threads.send_timeout is None
+    assert threads.stack_size == 65536
+
+
+def test_environment_fills_in_and_flags_win() -> None:
+    env = {"ECHO_MODEL": "queue", "ECHO_WORKERS": "7", "ECHO_IDLE_TIMEOUT": "2.5", "ECHO_PORT": "0"}
+    from_env = parse_config([], env=env)
+    assert (from_env.model, from_env.workers, from_env.idle_timeout, from_env.port) == (
+        "queue",
+        7,
+        2.5,
+        0,
+    )
+    flagged = parse_config(["--workers", "9", "--idle-timeout", "0"], env=env)
+    assert flagged.workers == 9
+    assert flagged.idle_timeout is None  # 0 turns it off
+
+
+def test_the_config_is_frozen() -> None:
+    config = Config(model="queue")
+    with pytest.raises(AttributeError):
+        config.workers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"workers": 0}, "--workers"),
+        ({"queue_size": 0}, "--queue-size"),
+        ({"port": -1}, "--port"),
+        ({"port": 9000, "metrics_port": 9000}, "--metrics-port: 9000 is also the echo port"),
+        ({"stack_size": 40000}, "--stack-size"),
+        ({"idle_timeout": -1.0}, "--idle-timeout"),
+        ({"log_level": "LOUD"}, "--log-level"),
+        ({"watchdog_timeout": 10.0}, "--watchdog-timeout: must be longer than --idle-timeout"),
+    ],
+)
+def test_bad_values_are_refused_up_front(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config(model="queue", **fields)  # type: ignore[arg-type]
+
+
+def test_an_environment_error_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"ECHO_QUEUE_SIZE \(environment\): must be between"):
+        parse_config(["--model", "queue"], env={"ECHO_QUEUE_SIZE": "0"})
