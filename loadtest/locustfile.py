@@ -1,0 +1,175 @@
+"""Locust users that drive the three echo servers side by side over raw TCP.
+
+The shape locust's docs recommend for other protocols: a client wrapper that
+times each call and fires `events.request` (here `loadtest.echo_client` plus
+`TimedEchoClient`), an abstract `EchoUser` that owns the client, and one
+concrete user per service.
+
+    locust -f loadtest/locustfile.py --headless -u 90 -t 30s
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from locust import User, events, task
+from locust.env import Environment
+from locust.runners import WorkerRunner
+
+from loadtest.echo_client import EchoClient, PayloadSize
+from loadtest.report import Thresholds, judge, service_rows, write_summary
+
+SERVICES = {"executor": 15001, "queue": 15002, "threads": 15003}
+
+
+@events.init_command_line_parser.add_listener
+def add_options(parser: Any) -> None:
+    group = parser.add_argument_group("echo cluster")
+    group.add_argument(
+        "--echo-host",
+        env_var="ECHO_LOAD_HOST",
+        default="127.0.0.1",
+        help="address of the echo servers",
+    )
+    for service, port in SERVICES.items():
+        group.add_argument(
+            f"--{service}-port",
+            env_var=f"ECHO_LOAD_{service.upper()}_PORT",
+            type=int,
+            default=port,
+            help=f"{service} server's echo port",
+        )
+    group.add_argument(
+        "--payload",
+        env_var="ECHO_LOAD_PAYLOAD",
+        default="64-4096",
+        help="bytes per echo: N, or LOW-HIGH for a uniform random size",
+    )
+    group.add_argument(
+        "--think",
+        env_var="ECHO_LOAD_THINK",
+        default="0.05-0.2",
+        help="seconds each user waits between echoes: S, or LOW-HIGH",
+    )
+    group.add_argument(
+        "--echo-timeout",
+        env_var="ECHO_LOAD_TIMEOUT",
+        type=float,
+        default=10.0,
+        help="seconds a connect or a round trip may take before it counts as a timeout",
+    )
+    group.add_argument(
+        "--max-failure-ratio",
+        env_var="ECHO_LOAD_MAX_FAILURE_RATIO",
+        type=float,
+        default=0.01,
+        help="fail the run above this share of failed requests (any byte mismatch always fails it)",
+    )
+    group.add_argument(
+        "--summary-json",
+        env_var="ECHO_LOAD_SUMMARY_JSON",
+        default="",
+        help="also write the per-service summary to this JSON file",
+    )
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    low, _, high = text.partition("-")
+    try:
+        bounds = (float(low), float(high) if high else float(low))
+    except ValueError:
+        raise ValueError(f"{text!r}: expected S or LOW-HIGH seconds") from None
+    if not 0 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"{text!r}: expected 0 <= LOW <= HIGH")
+    return bounds
+
+
+@events.test_start.add_listener
+def check_options(environment: Environment, **_: Any) -> None:
+    options = environment.parsed_options
+    if options is None:
+        return
+    try:
+        PayloadSize.parse(options.payload)
+        parse_range(options.think)
+    except ValueError as error:
+        raise SystemExit(f"echo load test: {error}") from None
+
+
+def options_of(environment: Environment) -> Any:
+    if environment.parsed_options is None:
+        raise RuntimeError("run these users through locust's command line")
+    return environment.parsed_options
+
+
+class TimedEchoClient:
+    """Fires one locust request event per connect and per echo, with the failure's kind."""
+
+    def __init__(self, environment: Environment, service: str, address: tuple[str, int]) -> None:
+        options = options_of(environment)
+        self._events = environment.events
+        self._service = service
+        self._size = PayloadSize.parse(options.payload)
+        self._rng = random.Random()
+        self._client = EchoClient(address, options.echo_timeout)
+
+    def echo(self) -> None:
+        for result in self._client.echo(self._size.pick(self._rng)):
+            self._events.request.fire(
+                request_type=result.kind,
+                name=self._service,
+                response_time=result.seconds * 1000,
+                response_length=result.nbytes,
+                exception=result.failure,
+                context={},
+            )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class EchoUser(User):
+    abstract = True
+    service = ""
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        options = options_of(environment)
+        port = getattr(options, f"{self.service}_port")
+        self.client = TimedEchoClient(environment, self.service, (options.echo_host, port))
+        self._think = parse_range(options.think)
+
+    def wait_time(self) -> float:
+        return random.uniform(*self._think)
+
+    @task
+    def echo(self) -> None:
+        self.client.echo()
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+
+class ExecutorUser(EchoUser):
+    service = "executor"
+
+
+class QueueUser(EchoUser):
+    service = "queue"
+
+
+class ThreadsUser(EchoUser):
+    service = "threads"
+
+
+@events.quitting.add_listener
+def report(environment: Environment, **_: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner) or environment.parsed_options is None:
+        return  # the master (or the only process) has the whole picture
+    options = environment.parsed_options
+    selected = [cls.service for cls in environment.user_classes if issubclass(cls, EchoUser)]
+    rows = service_rows(environment.stats, selected)
+    verdict = judge(rows, Thresholds(max_failure_ratio=options.max_failure_ratio))
+    write_summary(rows, verdict, options.summary_json or None)
+    environment.process_exit_code = 0 if verdict.ok else 1
