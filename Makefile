@@ -18,7 +18,27 @@ REPORTS ?= reports
 LOAD_ARGS ?=
 LOCUST := $(VENV)/bin/locust -f loadtest/locustfile.py
 
-.PHONY: help venv test lint fmt up-local load load-ui clean
+# Containers. Pinned upstream images come from .env; OFFLINE=1 (or ECHO_OFFLINE=1)
+# builds the base images from Debian's packages instead, for machines with no registry.
+include .env
+OFFLINE ?= $(ECHO_OFFLINE)
+PROJECT ?= echo-cluster
+UP_TIMEOUT ?= 240
+TARGETS_PAGE := http://127.0.0.1:9090/targets
+ifeq ($(OFFLINE),1)
+PYTHON_IMAGE := echo-cluster/python-base:bookworm
+PROMETHEUS_IMAGE := echo-cluster/prometheus-base:bookworm
+# Debian's Prometheus 2.42 ships the classic UI only.
+TARGETS_PAGE := http://127.0.0.1:9090/classic/targets
+endif
+# Compose v2 (`docker compose`) where there is one, else v1 (`docker-compose`).
+COMPOSE_BIN := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || \
+	(command -v docker-compose >/dev/null 2>&1 && echo docker-compose))
+COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
+NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "make $@: no Docker Engine answers here \
+(docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
+
+.PHONY: help venv test test-fast lint fmt up-local load load-ui images up down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,8 +51,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: venv ## Run the test suite (pytest; PYTEST_ARGS='-k name' to pick)
+test: venv ## Run the whole test suite, container tests included (PYTEST_ARGS='-k name' to pick)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv ## The tests that need no Docker Engine and no floods
+	$(PY) -m pytest -m "not compose and not flood" $(PYTEST_ARGS)
 
 lint: venv ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/ruff check .
@@ -54,6 +77,41 @@ load: venv ## Headless locust run against all three (USERS=90 DURATION=30s); ver
 
 load-ui: venv ## locust's web UI on http://127.0.0.1:8089 with the same users
 	$(LOCUST) --web-host 127.0.0.1 --web-port 8089 $(LOAD_ARGS)
+
+images: venv ## Build the echo and Prometheus images (OFFLINE=1: from Debian packages, no registry)
+	$(NEED_ENGINE)
+ifeq ($(OFFLINE),1)
+	bash docker/offline-base.sh python
+	bash docker/offline-base.sh prometheus
+endif
+	@rm -rf build/image/site && mkdir -p build/image/site
+	@# prometheus-client is pure Python: stage the copy the venv runs, so the build fetches nothing.
+	cp -r "$$($(PY) -c 'import os, prometheus_client as p; print(os.path.dirname(p.__file__))')" build/image/site/
+	docker build -q -f docker/echo.Dockerfile --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) \
+		-t echo-cluster/echo:latest . || { echo "make images: could not build on \
+$(PYTHON_IMAGE); without a registry use: make images OFFLINE=1" >&2; exit 1; }
+	docker build -q -f docker/prometheus.Dockerfile --build-arg PROMETHEUS_IMAGE=$(PROMETHEUS_IMAGE) \
+		-t echo-cluster/prometheus:latest . || { echo "make images: could not build on \
+$(PROMETHEUS_IMAGE); without a registry use: make images OFFLINE=1" >&2; exit 1; }
+
+up: images ## Start the stack (3 servers + Prometheus) and wait until every service is healthy
+	$(NEED_ENGINE)
+	@test -n "$(COMPOSE_BIN)" || { echo "make up: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
+	$(COMPOSE) up -d --no-build
+	@bash docker/wait-healthy.sh $(UP_TIMEOUT) $(PROJECT)
+	@echo "echo:       127.0.0.1:15001 (executor)  127.0.0.1:15002 (queue)  127.0.0.1:15003 (threads)"
+	@echo "metrics:    http://127.0.0.1:9101/metrics  :9102  :9103"
+	@echo "prometheus: http://127.0.0.1:9090  (targets: $(TARGETS_PAGE))"
+
+down: ## Stop the stack and remove its containers, network and volume
+	$(NEED_ENGINE)
+	$(COMPOSE) down -v --remove-orphans
+
+ps: ## Show the stack's containers and their health
+	$(COMPOSE) ps
+
+logs: ## Show the stack's logs (SERVICE=queue for one)
+	$(COMPOSE) logs --tail=200 $(SERVICE)
 
 clean: ## Remove the virtualenv, caches and reports
 	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,190 @@
+"""The container stack: healthy, echoing on its published ports, scraped, self-healing, removable.
+
+Needs a Docker Engine. Without one these tests skip, except under CI=true where a
+missing engine is a failure: CI must not pass by testing less.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from support import ROOT, echo_once, wait_until
+
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
+
+PROJECT = "echo-cluster"
+PORTS = {"executor": 15001, "queue": 15002, "threads": 15003}
+
+
+def run(*command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+    )
+
+
+def engine_answers() -> bool:
+    try:
+        return run("docker", "info", timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[None]:
+    if not engine_answers():
+        message = "no Docker Engine answers (docker info failed)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must run the compose tests")
+        pytest.skip(message)
+    try:
+        up = run("make", "--no-print-directory", "up")
+        if up.returncode != 0:
+            print(up.stdout, up.stderr, run("make", "--no-print-directory", "logs").stdout)
+            pytest.fail(f"make up failed:\n{up.stderr[-3000:]}")
+        yield
+    except BaseException:
+        print(run("make", "--no-print-directory", "logs").stdout)
+        raise
+    finally:
+        run("make", "--no-print-directory", "down")
+
+
+def prometheus(path: str, **params: str) -> Any:
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(f"http://127.0.0.1:9090{path}{query}", timeout=10) as response:
+        return json.load(response)
+
+
+def instant(promql: str) -> dict[str, float]:
+    """Evaluate `promql`; {model label: value}."""
+    result = prometheus("/api/v1/query", query=promql)["data"]["result"]
+    return {series["metric"].get("model", ""): float(series["value"][1]) for series in result}
+
+
+def container(service: str) -> str:
+    ids = run(
+        "docker",
+        "ps",
+        "-aq",
+        "--filter",
+        f"label=com.docker.compose.project={PROJECT}",
+        "--filter",
+        f"label=com.docker.compose.service={service}",
+    ).stdout.split()
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def inspect(service: str, template: str) -> str:
+    return run("docker", "inspect", "--format", template, container(service)).stdout.strip()
+
+
+def test_every_service_is_healthy_and_echoes_on_its_published_port(stack: None) -> None:
+    for service in (*PORTS, "prometheus"):
+        assert inspect(service, "{{.State.Health.Status}}") == "healthy"
+    payload = os.urandom(300_000)
+    for port in PORTS.values():
+        assert echo_once(("127.0.0.1", port), payload) == payload
+
+
+def test_published_ports_listen_on_loopback_only(stack: None) -> None:
+    for service in (*PORTS, "prometheus"):
+        bindings = json.loads(inspect(service, "{{json .HostConfig.PortBindings}}"))
+        hosts = {binding["HostIp"] for entries in bindings.values() for binding in entries}
+        assert hosts == {"127.0.0.1"}, (service, bindings)
+
+
+def test_containers_run_hardened_and_limited(stack: None) -> None:
+    for service in (*PORTS, "prometheus"):
+        host = json.loads(inspect(service, "{{json .HostConfig}}"))
+        assert host["ReadonlyRootfs"] is True
+        assert host["CapDrop"] == ["ALL"]
+        assert "no-new-privileges:true" in host["SecurityOpt"]
+        assert host["Memory"] > 0 and host["PidsLimit"] > 0 and host["NanoCpus"] > 0
+        assert host["RestartPolicy"]["Name"] == "unless-stopped"
+        assert inspect(service, "{{.Config.User}}") not in ("", "0", "root")
+
+
+def test_prometheus_scrapes_all_three_and_sees_traffic(stack: None) -> None:
+    def all_up() -> bool:
+        targets = prometheus("/api/v1/targets")["data"]["activeTargets"]
+        up = {t["labels"].get("model") for t in targets if t["health"] == "up"}
+        return set(PORTS) <= up
+
+    wait_until(all_up, timeout=60, what="Prometheus to see all three targets up")
+    query = "echo_connections_accepted_total"
+    wait_until(lambda: set(PORTS) <= set(instant(query)), timeout=60, what="a first scrape")
+    before = instant(query)
+    for port in PORTS.values():
+        for _ in range(5):
+            assert echo_once(("127.0.0.1", port), b"counted") == b"counted"
+    wait_until(
+        lambda: all(instant(query).get(m, 0) >= before[m] + 5 for m in PORTS),
+        timeout=60,
+        what="Prometheus to record 5 more connections on each server",
+    )
+
+
+def test_a_crashed_server_is_restarted_and_scraped_again(stack: None) -> None:
+    # `docker kill` counts as a deliberate stop, which no restart policy undoes; a
+    # crash is the process dying under Docker, as an OOM kill or a watchdog exit.
+    restarts = int(inspect("threads", "{{.RestartCount}}"))
+    pid = inspect("threads", "{{.State.Pid}}")
+    killed_at = time.time()
+    assert run("kill", "-KILL", pid).returncode == 0
+    wait_until(
+        lambda: int(inspect("threads", "{{.RestartCount}}")) == restarts + 1,
+        timeout=60,
+        what="the restart policy to restart threads",
+    )
+    wait_until(
+        lambda: inspect("threads", "{{.State.Health.Status}}") == "healthy",
+        timeout=180,
+        what="the restarted threads server to be healthy",
+    )
+    assert echo_once(("127.0.0.1", PORTS["threads"]), b"back") == b"back"
+    wait_until(
+        lambda: (
+            instant('process_start_time_seconds{model="threads"}').get("threads", 0) > killed_at - 1
+        ),
+        timeout=60,
+        what="Prometheus to scrape the new threads process",
+    )
+    assert instant('up{model="threads"}') == {"threads": 1.0}
+
+
+def test_promtool_accepts_the_config_and_rules(stack: None) -> None:
+    for check in (
+        ("config", "/etc/echo-cluster/prometheus.yml"),
+        ("rules", "/etc/echo-cluster/rules.yml"),
+    ):
+        result = run(
+            "docker",
+            "run",
+            "--rm",
+            "--entrypoint",
+            "promtool",
+            "echo-cluster/prometheus:latest",
+            "check",
+            *check,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_make_down_leaves_nothing_behind(stack: None) -> None:
+    down = run("make", "--no-print-directory", "down")
+    assert down.returncode == 0, down.stderr
+    label = f"label=com.docker.compose.project={PROJECT}"
+    assert run("docker", "ps", "-aq", "--filter", label).stdout.split() == []
+    assert run("docker", "network", "ls", "-q", "--filter", label).stdout.split() == []
+    assert run("docker", "volume", "ls", "-q", "--filter", label).stdout.split() == []
