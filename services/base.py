@@ -71,7 +71,8 @@ class Server(ABC):
         self._listener: socket.socket | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)
-        self._open: set[socket.socket] = set()
+        # Open connections and when each was accepted (monotonic seconds).
+        self._open: dict[socket.socket, float] = {}
         self._open_guard = SharedCounter()  # its lock guards `_open`
         self._warn = RateLimitedLog(log)
 
@@ -222,7 +223,7 @@ class Server(ABC):
             return
         try:
             with self._open_guard.lock:
-                self._open.add(conn)
+                self._open[conn] = time.monotonic()
             self.dispatch(conn)
         except MemoryError:
             self.reject(conn, "out_of_memory")
@@ -237,7 +238,7 @@ class Server(ABC):
 
     def _forget(self, conn: socket.socket) -> None:
         with self._open_guard.lock:
-            self._open.discard(conn)
+            self._open.pop(conn, None)
         conn.close()
 
     def serve(self, conn: socket.socket) -> None:
@@ -251,10 +252,11 @@ class Server(ABC):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reason = echo(
                 conn,
-                self.config.idle_timeout,
-                self.config.send_timeout,
-                self.stats.on_received,
-                self.stats.on_sent,
+                idle_timeout=self.config.idle_timeout,
+                send_timeout=self.config.send_timeout,
+                on_received=self.stats.on_received,
+                on_sent=self.stats.on_sent,
+                waited=time.monotonic() - self._accepted_at(conn),
             )
         except OSError as error:
             reason = close_reason_for(error)
@@ -267,6 +269,10 @@ class Server(ABC):
             if self._stopping.is_set() and reason in ("eof", "reset", "error"):
                 reason = "shutdown"
             self.stats.on_close(reason)
+
+    def _accepted_at(self, conn: socket.socket) -> float:
+        with self._open_guard.lock:
+            return self._open.get(conn, time.monotonic())
 
     def _shutdown(self, listener: socket.socket) -> bool:
         """Stop accepting, give open connections a moment, then cut them and join workers."""

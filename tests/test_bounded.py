@@ -9,7 +9,16 @@ import threading
 
 import pytest
 
-from support import connect, echo_once, held_open, recv_exactly, roundtrip, running, wait_until
+from support import (
+    connect,
+    echo_once,
+    held_open,
+    open_connections,
+    recv_exactly,
+    roundtrip,
+    running,
+    wait_until,
+)
 
 BOUNDED = ["executor", "queue"]
 
@@ -82,3 +91,19 @@ def test_threads_model_has_no_timeouts_by_default() -> None:
             wait_until(lambda: server.stats.busy.value == 1, what="the idle connection's thread")
             assert held_open(idle)
             assert roundtrip(idle, b"later") == b"later"
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_idle_clock_starts_at_accept_not_when_a_worker_picks_it_up(model: str) -> None:
+    # One worker and 20 waiting, all idle, 2 s idle timeout. Timed from pick-up,
+    # the last would be cut off after 21 x 2 = 42 s; timed from accept, all go at ~2 s.
+    with (
+        running(model, workers=1, queue_size=20, idle_timeout=2.0) as server,
+        open_connections(server.address, 21),
+    ):
+        wait_until(lambda: server.stats.accepted.value == 21, what="all 21 accepted")
+        wait_until(
+            lambda: server.stats.closed["idle"].value == 21,
+            timeout=25,
+            what="every idle connection to be closed about 2 s after its accept",
+        )
