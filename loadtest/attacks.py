@@ -1,0 +1,234 @@
+"""Connection-flood attacks, driven from one thread with a selector.
+
+One thread holds thousands of sockets cheaply, so the attacker does not need
+the very resource (threads) whose exhaustion it demonstrates. Every attack is
+bounded: at most `MAX_CONNECTIONS` sockets, at most `MAX_DURATION` seconds,
+and only against loopback addresses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+SCENARIOS = ("idle", "slowloris", "slow-reader", "churn")
+MAX_CONNECTIONS = 20_000
+MAX_DURATION = 300.0
+_CHUNK = b"\xa5" * 65536
+_LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends RST: no TIME_WAIT on our side
+
+
+class AttackRefused(ValueError):
+    """The plan is outside what this tool will do."""
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    scenario: str
+    address: tuple[str, int]
+    connections: int = 1000
+    rate: float = 1000.0  # new connections per second
+    duration: float = 20.0
+    trickle_interval: float = 2.0  # slowloris: seconds between bytes on one connection
+    churn_in_flight: int = 64
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise AttackRefused(f"scenario {self.scenario!r}: choose from {', '.join(SCENARIOS)}")
+        host = self.address[0]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise AttackRefused(f"target {host!r}: give a loopback IP address") from None
+        if not loopback:
+            raise AttackRefused(f"target {host}: floods go to loopback addresses only")
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise AttackRefused(f"connections: 1 to {MAX_CONNECTIONS}")
+        if not 0 < self.duration <= MAX_DURATION:
+            raise AttackRefused(f"duration: more than 0, at most {MAX_DURATION:g} s")
+        if self.rate <= 0 or self.trickle_interval <= 0 or self.churn_in_flight < 1:
+            raise AttackRefused("rate, trickle interval and churn in-flight must be positive")
+
+
+@dataclass
+class AttackCounts:
+    opened: int = 0  # connections that completed the handshake
+    open_now: int = 0
+    connect_failures: int = 0
+    closed_by_server: int = 0
+    bytes_sent: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Attack(threading.Thread):
+    """Runs one plan until its duration ends or `stop()`; then closes every socket."""
+
+    def __init__(self, plan: AttackPlan) -> None:
+        super().__init__(name=f"attack-{plan.scenario}", daemon=True)
+        self.plan = plan
+        self._counts = AttackCounts()
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._pending: set[socket.socket] = set()  # connecting
+        self._open: set[socket.socket] = set()
+        self._trickle: deque[tuple[float, socket.socket]] = deque()
+
+    def counts(self) -> AttackCounts:
+        with self._lock:
+            return AttackCounts(**{**self._counts.__dict__, "errors": dict(self._counts.errors)})
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        deadline = started + self.plan.duration
+        try:
+            while not self._stop_event.is_set():
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                self._open_more(now - started)
+                self._service(timeout=0.02)
+                if self.plan.scenario == "slowloris":
+                    self._trickle_bytes(time.monotonic())
+        finally:
+            self._close_all()
+
+    # -- opening ------------------------------------------------------------------
+
+    def _open_more(self, elapsed: float) -> None:
+        plan = self.plan
+        with self._lock:
+            attempted = self._counts.opened + self._counts.connect_failures + len(self._pending)
+        if plan.scenario == "churn":
+            budget = plan.churn_in_flight - len(self._pending)
+        else:
+            due = min(plan.connections, int(elapsed * plan.rate) + 1)
+            budget = min(due - attempted, 256)
+        for _ in range(max(0, budget)):
+            self._connect()
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.plan.address[0] else socket.AF_INET)
+        sock.setblocking(False)
+        if self.plan.scenario == "slow-reader":
+            # Small buffers: the server's echo stalls after kilobytes, not megabytes of
+            # kernel memory per connection.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        code = sock.connect_ex(self.plan.address)
+        if code not in (0, errno.EINPROGRESS):
+            self._failed_connect(sock, code)
+            return
+        self._pending.add(sock)
+        self._selector.register(sock, selectors.EVENT_WRITE)
+
+    def _failed_connect(self, sock: socket.socket, code: int) -> None:
+        sock.close()
+        with self._lock:
+            self._counts.connect_failures += 1
+            name = errno.errorcode.get(code, str(code))
+            self._counts.errors[name] = self._counts.errors.get(name, 0) + 1
+
+    def _connected(self, sock: socket.socket) -> None:
+        self._pending.discard(sock)
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._selector.unregister(sock)
+            self._failed_connect(sock, code)
+            return
+        with self._lock:
+            self._counts.opened += 1
+        if self.plan.scenario == "churn":
+            self._selector.unregister(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+            return
+        self._open.add(sock)
+        with self._lock:
+            self._counts.open_now += 1
+        events = selectors.EVENT_READ
+        if self.plan.scenario == "slow-reader":
+            events = selectors.EVENT_WRITE  # write forever, never read
+        self._selector.modify(sock, events)
+        if self.plan.scenario == "slowloris":
+            self._trickle.append((time.monotonic() + self.plan.trickle_interval, sock))
+
+    # -- serving the sockets ------------------------------------------------------------
+
+    def _service(self, timeout: float) -> None:
+        for key, events in self._selector.select(timeout):
+            sock = key.fileobj
+            if not isinstance(sock, socket.socket):
+                continue
+            if sock in self._pending:
+                self._connected(sock)
+            elif events & selectors.EVENT_WRITE:
+                self._write(sock)
+            else:
+                self._read(sock)
+
+    def _read(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(65536)  # slowloris reads its echoes; idle only ever sees EOF
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost(sock)
+
+    def _write(self, sock: socket.socket) -> None:
+        try:
+            sent = sock.send(_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._lost(sock)
+            return
+        with self._lock:
+            self._counts.bytes_sent += sent
+
+    def _trickle_bytes(self, now: float) -> None:
+        while self._trickle and self._trickle[0][0] <= now:
+            _, sock = self._trickle.popleft()
+            if sock not in self._open:
+                continue
+            try:
+                sent = sock.send(b"x")
+            except OSError:
+                self._lost(sock)
+                continue
+            with self._lock:
+                self._counts.bytes_sent += sent
+            self._trickle.append((now + self.plan.trickle_interval, sock))
+
+    def _lost(self, sock: socket.socket) -> None:
+        """The server closed or reset this connection; it is not reopened."""
+        self._open.discard(sock)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
+        sock.close()
+        with self._lock:
+            self._counts.closed_by_server += 1
+            self._counts.open_now -= 1
+
+    def _close_all(self) -> None:
+        for sock in [*self._pending, *self._open]:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+        self._pending.clear()
+        self._open.clear()
+        with self._lock:
+            self._counts.open_now = 0
+        self._selector.close()
