@@ -18,6 +18,13 @@ REPORTS ?= reports
 LOAD_ARGS ?=
 LOCUST := $(VENV)/bin/locust -f loadtest/locustfile.py
 
+# make flood: scenarios (comma-separated or all), connections held, seconds of attack
+# per run (it must outlast the servers' 10 s timeouts plus a 5 s margin), extra flags.
+SCENARIOS ?= all
+CONNECTIONS ?= 2000
+ATTACK_SECONDS ?= 30
+FLOOD_ARGS ?=
+
 # Containers. Pinned upstream images come from .env; OFFLINE=1 (or ECHO_OFFLINE=1)
 # builds the base images from Debian's packages instead, for machines with no registry.
 include .env
@@ -38,7 +45,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "make $@: no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast lint fmt up-local load load-ui images up down ps logs clean
+.PHONY: help venv test test-fast lint fmt up-local load load-ui flood images up down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,6 +84,10 @@ load: venv ## Headless locust run against all three (USERS=90 DURATION=30s); ver
 
 load-ui: venv ## locust's web UI on http://127.0.0.1:8089 with the same users
 	$(LOCUST) --web-host 127.0.0.1 --web-port 8089 $(LOAD_ARGS)
+
+flood: venv ## Every flood scenario against each running server; table, JSON and charts in reports/
+	$(PY) -m loadtest.flood --scenarios $(SCENARIOS) --connections $(CONNECTIONS) \
+		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood.json --charts $(REPORTS) $(FLOOD_ARGS)
 
 images: venv ## Build the echo and Prometheus images (OFFLINE=1: from Debian packages, no registry)
 	$(NEED_ENGINE)

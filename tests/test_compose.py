@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from loadtest.flood import RunSettings, Target, flood
 from support import ROOT, echo_once, wait_until
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
@@ -140,7 +141,8 @@ def test_a_crashed_server_is_restarted_and_scraped_again(stack: None) -> None:
     restarts = int(inspect("threads", "{{.RestartCount}}"))
     pid = inspect("threads", "{{.State.Pid}}")
     killed_at = time.time()
-    assert run("kill", "-KILL", pid).returncode == 0
+    as_root = [] if os.geteuid() == 0 else ["sudo", "-n"]  # the process is another user's
+    assert run(*as_root, "kill", "-KILL", pid).returncode == 0
     wait_until(
         lambda: int(inspect("threads", "{{.RestartCount}}")) == restarts + 1,
         timeout=60,
@@ -179,6 +181,47 @@ def test_promtool_accepts_the_config_and_rules(stack: None) -> None:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "SUCCESS" in result.stdout + result.stderr
+
+
+@pytest.mark.flood
+def test_idle_floods_bounded_containers_hold_threads_hits_its_limits(stack: None) -> None:
+    restarts = {service: int(inspect(service, "{{.RestartCount}}")) for service in PORTS}
+    started = time.time()
+    runs = {}
+    for service, port in PORTS.items():
+        target = Target(service, ("127.0.0.1", port), ("127.0.0.1", 9101 + port - 15001))
+        runs[service] = flood(target, "idle", RunSettings(connections=1500, duration=20.0))
+    ended = time.time()
+    for service in ("executor", "queue"):
+        summary = runs[service].summary
+        assert summary.verdict == "held", (service, summary.reasons)
+        assert int(inspect(service, "{{.RestartCount}}")) == restarts[service]
+        assert inspect(service, "{{.State.Health.Status}}") == "healthy"
+    threads = runs["threads"].summary
+    assert threads.verdict != "held"
+    # The container's pid limit (256) refuses threads long before 1,500 connections,
+    # unless its memory limit killed it first.
+    restarted = int(inspect("threads", "{{.RestartCount}}")) > restarts["threads"]
+    assert threads.thread_start_failures > 0 or restarted, threads
+
+    # Prometheus kept both outcomes: a range query over the flood window.
+    def peak(promql: str) -> dict[str, float]:
+        result = prometheus(
+            "/api/v1/query_range", query=promql, start=str(started), end=str(ended), step="2"
+        )["data"]["result"]
+        return {
+            series["metric"].get("model", ""): max(float(v) for _, v in series["values"])
+            for series in result
+        }
+
+    wait_until(lambda: time.time() > ended + 5, what="a last scrape")  # scrapes every 2 s
+    threads_seen = peak("echo_threads")
+    assert threads_seen["executor"] < 60 and threads_seen["queue"] < 60, threads_seen
+    assert threads_seen["threads"] > 200, threads_seen
+    rejected = peak('increase(echo_connections_rejected_total{reason="queue_full"}[1m])')
+    assert rejected["executor"] > 0 and rejected["queue"] > 0, rejected
+    if not restarted:
+        assert peak("echo_thread_start_failures_total")["threads"] > 0
 
 
 def test_make_down_leaves_nothing_behind(stack: None) -> None:
