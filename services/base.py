@@ -254,8 +254,7 @@ class Server(ABC):
                 conn,
                 idle_timeout=self.config.idle_timeout,
                 send_timeout=self.config.send_timeout,
-                on_received=self.stats.on_received,
-                on_sent=self.stats.on_sent,
+                on_traffic=self.stats.on_traffic,
                 waited=time.monotonic() - self._accepted_at(conn),
             )
         except OSError as error:
@@ -290,3 +289,16 @@ class Server(ABC):
         if not finished:
             log.error("workers did not finish within the shutdown deadline")
         return finished
+
+
+class PoolServer(Server):
+    """A model with a fixed pool: `workers` serve, `queue_size` more may wait, the rest are
+    turned away at once."""
+
+    @property
+    def queue_capacity(self) -> int:
+        return self.config.queue_size
+
+    @property
+    def capacity(self) -> int:
+        return self.config.workers + self.config.queue_size

@@ -104,7 +104,7 @@ def _check(ok: bool, flag: str, problem: str) -> None:
         raise ConfigError(f"{flag}: {problem}")
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Argument errors as one line and exit 2, never a usage dump or a traceback."""
 
     def error(self, message: str) -> NoReturn:
@@ -112,7 +112,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m services",
         description="A TCP echo server whose threading model is chosen at start. Every flag "
         "falls back to the ECHO_* variable shown; a flag given on the command line wins.",

@@ -109,11 +109,8 @@ class ServerStats:
     def on_close(self, reason: str) -> None:
         adjust((self.busy, -1), (self.closed[reason], 1))
 
-    def on_received(self, nbytes: int) -> None:
-        self.received_bytes.incr(nbytes)
-
-    def on_sent(self, nbytes: int) -> None:
-        adjust((self.sent_bytes, nbytes), (self.messages, 1))
+    def on_traffic(self, received: int, sent: int, messages: int) -> None:
+        adjust((self.received_bytes, received), (self.sent_bytes, sent), (self.messages, messages))
 
     def active_connections(self) -> int:
         return sum(snapshot(self.queued, self.busy))

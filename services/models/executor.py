@@ -12,10 +12,10 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from services.base import Server
+from services.base import PoolServer
 
 
-class ExecutorServer(Server):
+class ExecutorServer(PoolServer):
     model = "executor"
 
     def start_workers(self) -> None:
@@ -24,14 +24,6 @@ class ExecutorServer(Server):
             thread_name_prefix="echo-executor",
             initializer=self.stats.worker_threads.incr,
         )
-
-    @property
-    def queue_capacity(self) -> int:
-        return self.config.queue_size
-
-    @property
-    def capacity(self) -> int:
-        return self.config.workers + self.config.queue_size
 
     def dispatch(self, conn: socket.socket) -> None:
         # Raises RuntimeError when no thread can be started; the base rejects then.

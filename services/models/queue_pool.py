@@ -14,10 +14,10 @@ import socket
 import threading
 import time
 
-from services.base import Server
+from services.base import PoolServer
 
 
-class QueueServer(Server):
+class QueueServer(PoolServer):
     model = "queue"
 
     def start_workers(self) -> None:
@@ -29,14 +29,6 @@ class QueueServer(Server):
         for worker in self._workers:
             worker.start()
             self.stats.worker_threads.incr()
-
-    @property
-    def queue_capacity(self) -> int:
-        return self.config.queue_size
-
-    @property
-    def capacity(self) -> int:
-        return self.config.workers + self.config.queue_size
 
     def dispatch(self, conn: socket.socket) -> None:
         try:
