@@ -24,6 +24,8 @@ SCENARIOS ?= all
 CONNECTIONS ?= 2000
 ATTACK_SECONDS ?= 30
 FLOOD_ARGS ?=
+QUICK ?=
+BENCH_ARGS ?=
 
 # Containers. Pinned upstream images come from .env; OFFLINE=1 (or ECHO_OFFLINE=1)
 # builds the base images from Debian's packages instead, for machines with no registry.
@@ -45,7 +47,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "make $@: no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast lint fmt up-local load load-ui flood images up down ps logs clean
+.PHONY: help venv test test-fast lint fmt up-local load load-ui flood bench images up down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -88,6 +90,10 @@ load-ui: venv ## locust's web UI on http://127.0.0.1:8089 with the same users
 flood: venv ## Every flood scenario against each running server; table, JSON and charts in reports/
 	$(PY) -m loadtest.flood --scenarios $(SCENARIOS) --connections $(CONNECTIONS) \
 		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood.json --charts $(REPORTS) $(FLOOD_ARGS)
+
+bench: venv ## Throughput, latency, memory and counters of each model vs asyncio and C (QUICK=1: short)
+	$(PY) -m bench $(if $(filter 1,$(QUICK)),--quick) --json $(REPORTS)/bench.json \
+		--chart $(REPORTS)/bench.png $(BENCH_ARGS)
 
 images: venv ## Build the echo and Prometheus images (OFFLINE=1: from Debian packages, no registry)
 	$(NEED_ENGINE)

@@ -56,7 +56,6 @@ def write_charts(runs: Sequence[FloodRun], directory: Path) -> list[Path]:
             for axis in (threads, rss, latency):
                 axis.axvline(end, color="grey", linestyle=":", linewidth=0.8)
         threads.set_ylabel("threads")
-        threads.set_yscale("symlog", linthresh=100)
         threads.legend(loc="upper left")
         rss.set_ylabel("RSS (MiB)")
         latency.set_ylabel("probe round trip (ms)\nx = failed")

@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 from loadtest.attacks import SCENARIOS, Attack, AttackCounts, AttackPlan, AttackRefused
 from loadtest.observe import Probe, ProbeResult, Sample, Sampler
 from loadtest.verdict import VERDICTS, Limits, Summary, judge, settle_seconds
+from services.config import OneLineParser
 
 SERVICES = {"executor": (15001, 9101), "queue": (15002, 9102), "threads": (15003, 9103)}
 
@@ -217,13 +218,8 @@ def format_table(runs: Sequence[FloodRun]) -> str:
 # -- command line -------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m loadtest.flood",
         description="Connection floods against the echo servers (loopback only), with an "
         "independent availability probe and a metrics sampler; prints a verdict per run.",

@@ -1,0 +1,237 @@
+"""`make bench`: throughput, latency and memory of each threading model, as ratios from one run.
+
+    python -m bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--chart PATH]
+
+Absolute numbers on a shared, oversubscribed machine swing 5-30x between runs,
+so every server is measured in the same run, interleaved (A B C A B C ...,
+rotated each round), and each is reported as the median of its per-round
+ratios to the references, with the spread (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench import client, locks, memory
+from bench.servers import compile_c_baseline, model_command, started
+
+MODELS = ("executor", "queue", "threads")
+# Pools sized to the largest connection count, so nothing is turned away: the bench
+# measures what serving a connection costs, not admission control.
+POOL = ("--workers", "256", "--queue-size", "64", "--idle-timeout", "30", "--send-timeout", "30")
+
+
+def throughput(
+    configs: list[tuple[int, int]], rounds: int, seconds: float, processes: int
+) -> dict[str, Any]:
+    specs: dict[str, Sequence[str]] = {model: model_command(model, *POOL) for model in MODELS}
+    specs["asyncio"] = [sys.executable, "-m", "bench.asyncio_echo", "0"]
+    c_binary = compile_c_baseline()
+    if c_binary is not None:
+        specs["c-epoll"] = [str(c_binary), "0"]
+    names = list(specs)
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    with started(specs) as servers:
+        for name in names:  # warm-up, not recorded: first connections, caches, lazy pools
+            client.run(
+                servers[name].address,
+                connections=configs[0][0],
+                size=configs[0][1],
+                duration=0.5,
+                processes=processes,
+            )
+        for round_ in range(rounds):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for connections, size in configs:
+                key = f"{connections} conn x {size // 1024} KiB"
+                for name in order:
+                    result = client.run(
+                        servers[name].address,
+                        connections=connections,
+                        size=size,
+                        duration=seconds,
+                        processes=processes,
+                    )
+                    results.setdefault(key, {}).setdefault(name, []).append(asdict(result))
+                    print(
+                        f"  round {round_ + 1}/{rounds} {key:<20} {name:<9} "
+                        f"{result.rate:9.0f} req/s ({result.unstalled_rate:9.0f} unstalled, "
+                        f"{result.loop})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    return {"configs": results, "servers": names, "c_baseline": c_binary is not None}
+
+
+def ratios(
+    per_round: dict[str, list[dict[str, float]]], server: str, reference: str, field: str = "rate"
+) -> tuple[float, float, float] | None:
+    """Median, min and max of server/reference over the rounds (each round pairs up)."""
+    if reference not in per_round:
+        return None
+    values = [
+        a[field] / b[field]
+        for a, b in zip(per_round[server], per_round[reference], strict=True)
+        if b[field]
+    ]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def _median(rows: list[dict[str, float]], field: str) -> float:
+    return statistics.median(row[field] for row in rows)
+
+
+def format_throughput(data: dict[str, Any]) -> str:
+    lines = []
+    for key, per_server in data["configs"].items():
+        lines.append(f"\n{key}")
+        lines.append(
+            f"  {'server':<10}{'req/s':>9}{'unstalled':>11}{'p50 ms':>8}{'p99 ms':>8}"
+            f"{'p999 ms':>9}   {'vs asyncio':<20}{'vs C epoll':<20}"
+        )
+        for server, rows in per_server.items():
+            cells = []
+            for reference in ("asyncio", "c-epoll"):
+                r = ratios(per_server, server, reference)
+                cells.append(f"{r[0]:5.2f}x ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
+            rate, unstalled = _median(rows, "rate"), _median(rows, "unstalled_rate")
+            lines.append(
+                f"  {server:<10}{rate:>9.0f}{unstalled:>11.0f}"
+                f"{_median(rows, 'p50_ms'):>8.2f}{_median(rows, 'p99_ms'):>8.2f}"
+                f"{_median(rows, 'p999_ms'):>9.2f}   {cells[0]:<20}{cells[1]:<20}"
+            )
+    return "\n".join(lines)
+
+
+def format_memory(costs: list[memory.IdleCost], capacities: list[memory.Capacity]) -> str:
+    lines = [
+        f"\n  {'server':<17}{'conns':>7}{'threads':>15}{'RSS growth':>12}{'RSS/conn':>10}"
+        f"{'VSZ/conn':>11}"
+    ]
+    for c in costs:
+        lines.append(
+            f"  {c.server:<17}{c.connections:>7}{c.threads_before:>7} ->{c.threads_after:>5}"
+            f"{c.rss_growth_mb:>9.1f} MB{c.rss_per_connection_kb:>7.1f} KB"
+            f"{c.vsz_per_connection_kb / 1024:>8.2f} MB"
+        )
+    lines.append(f"\n  threads model under RLIMIT_AS (start-up + {capacities[0].budget_mb} MiB):")
+    for cap in capacities:
+        lines.append(
+            f"    stack {cap.stack:<16} holds {cap.held:>5} connections "
+            f"(threads refused: {cap.refused})"
+        )
+    if len(capacities) == 2 and capacities[1].held:
+        lines.append(
+            f"    64 KiB stacks hold {capacities[0].held / capacities[1].held:.1f}x "
+            "as many connections"
+        )
+    return "\n".join(lines)
+
+
+def format_locks(results: list[locks.LockResult]) -> str:
+    lines = [f"\n  {'strategy':<22}{'threads':>8}{'ops/s':>12}{'lost updates':>14}"]
+    for r in results:
+        lines.append(f"  {r.strategy:<22}{r.threads:>8}{r.ops_per_second:>12.0f}{r.lost:>14}")
+    return "\n".join(lines)
+
+
+def write_chart(data: dict[str, Any], costs: list[memory.IdleCost], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 (slow to import; only for the chart)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = list(data["configs"])
+    servers = data["servers"]
+    width = 0.8 / len(servers)
+    for i, server in enumerate(servers):
+        values = [_median(data["configs"][k][server], "unstalled_rate") for k in keys]
+        left.bar([k + i * width for k in range(len(keys))], values, width, label=server)
+    left.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys, fontsize=8)
+    left.set_ylabel("round trips/s (unstalled, median)")
+    left.legend(fontsize=8)
+    left.set_title("throughput")
+    right.bar([c.server for c in costs], [c.rss_per_connection_kb for c in costs])
+    right.set_ylabel("RSS per idle connection (KB)")
+    right.set_title("memory")
+    right.tick_params(axis="x", labelsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short run (CI): one config")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds [3]")
+    parser.add_argument("--seconds", type=float, help="seconds per measurement [3, quick 1]")
+    parser.add_argument(
+        "--processes", type=int, default=os.cpu_count() or 2, help="client processes [cores]"
+    )
+    parser.add_argument("--json", type=Path, default=Path("reports/bench.json"))
+    parser.add_argument("--chart", type=Path, default=Path("reports/bench.png"))
+    args = parser.parse_args(argv)
+    quick = args.quick
+    rounds = args.rounds or 3
+    seconds = args.seconds or (1.0 if quick else 3.0)
+    configs = [(32, 1024)] if quick else [(32, 1024), (256, 1024), (32, 65536), (256, 65536)]
+    started_at = time.monotonic()
+
+    print("== throughput and latency (ping-pong, loopback)", file=sys.stderr)
+    data = throughput(configs, rounds, seconds, args.processes)
+    print("== memory per idle connection", file=sys.stderr)
+    costs = memory.idle_costs(300 if quick else 2000, 1000 if quick else 10_000)
+    budget = 128 if quick else 256
+    capacities = [
+        memory.capacity(65536, budget, 1500 if quick else 5000),
+        memory.capacity(0, budget, 1500 if quick else 5000),
+    ]
+    print("== counters", file=sys.stderr)
+    lock_results = locks.run(100_000 if quick else 400_000)
+
+    print(
+        f"\n== echo cluster bench ({'quick' if quick else 'full'}: {rounds} rounds x {seconds:g} s,"
+        f" {args.processes} client processes)"
+    )
+    print(format_throughput(data))
+    print(format_memory(costs, capacities))
+    print(format_locks(lock_results))
+    report = {
+        "quick": quick,
+        "rounds": rounds,
+        "seconds": seconds,
+        "throughput": data,
+        "idle_costs": [
+            asdict(c)
+            | {
+                "rss_per_connection_kb": c.rss_per_connection_kb,
+                "vsz_per_connection_kb": c.vsz_per_connection_kb,
+            }
+            for c in costs
+        ],
+        "capacity_under_as_limit": [asdict(c) for c in capacities],
+        "locks": [asdict(r) | {"lost": r.lost} for r in lock_results],
+        "elapsed_seconds": time.monotonic() - started_at,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_chart(data, costs, args.chart)
+    print(f"\nwrote {args.json} and {args.chart} in {time.monotonic() - started_at:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`make bench QUICK=1` runs and says something well formed; the numbers are the bench's job."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import locks
+from support import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--seconds",
+            "0.5",
+            "--json",
+            str(tmp_path / "bench.json"),
+            "--chart",
+            str(tmp_path / "bench.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    servers = ["executor", "queue", "threads", "asyncio"]
+    if shutil.which("cc") or shutil.which("gcc"):
+        servers.append("c-epoll")
+    assert report["throughput"]["servers"] == servers
+    (config,) = report["throughput"]["configs"].values()
+    for server in servers:
+        rounds = config[server]
+        assert len(rounds) == 3
+        assert all(r["completions"] > 0 and r["errors"] == 0 for r in rounds), (server, rounds)
+    assert "vs asyncio" in result.stdout and "vs C epoll" in result.stdout
+    idle = {row["server"]: row for row in report["idle_costs"]}
+    assert set(idle) == {"executor", "queue", "threads 64 KiB", "threads default"}
+    assert idle["threads 64 KiB"]["threads_after"] >= idle["threads 64 KiB"]["connections"]
+    small, default = report["capacity_under_as_limit"]
+    assert small["held"] > default["held"] > 0
+    assert {row["strategy"] for row in report["locks"]} >= {"SharedCounter (Lock)", "unlocked +="}
+
+
+def test_locked_counters_lose_nothing() -> None:
+    for result in locks.run(40_000, thread_counts=(4,)):
+        if result.strategy != "unlocked +=":
+            assert result.lost == 0, result
+        assert result.ops_per_second > 0
