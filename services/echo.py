@@ -42,7 +42,7 @@ def echo(
     taking the shared counters' locks on every message made the workers
     contend for them and halved throughput.
     """
-    buffer = bytearray(READ_SIZE)
+    buffer = bytearray()  # 64 KiB, allocated on the first message: idle costs no buffer
     view = memoryview(buffer)
     conn.settimeout(None)
     first_wait = None if idle_timeout is None else max(idle_timeout - waited, 0.001)
@@ -53,7 +53,14 @@ def echo(
     try:
         while True:
             try:
-                received = conn.recv_into(buffer)
+                if buffer:
+                    received = conn.recv_into(buffer)
+                else:
+                    first = conn.recv(READ_SIZE)
+                    received = len(first)
+                    buffer = bytearray(READ_SIZE)
+                    view = memoryview(buffer)
+                    view[:received] = first
             except BlockingIOError:  # SO_RCVTIMEO expired
                 return "idle"
             if received == 0:
