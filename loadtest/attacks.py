@@ -110,11 +110,11 @@ class Attack(threading.Thread):
         plan = self.plan
         with self._lock:
             attempted = self._counts.opened + self._counts.connect_failures + len(self._pending)
-        if plan.scenario == "churn":
-            budget = plan.churn_in_flight - len(self._pending)
+        due = int(elapsed * plan.rate) + 1
+        if plan.scenario == "churn":  # at `rate`, with a bounded number in flight
+            budget = min(plan.churn_in_flight - len(self._pending), due - attempted)
         else:
-            due = min(plan.connections, int(elapsed * plan.rate) + 1)
-            budget = min(due - attempted, 256)
+            budget = min(min(plan.connections, due) - attempted, 256)
         for _ in range(max(0, budget)):
             self._connect()
 

@@ -240,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="connections to hold (not churn) [%(default)s]",
     )
-    add("--rate", type=float, default=1000.0, help="new connections per second [%(default)s]")
+    add(
+        "--rate",
+        type=float,
+        default=1000.0,
+        help="new connections per second, churn included [%(default)s]",
+    )
     add("--duration", type=float, default=20.0, help="seconds of attack [%(default)s]")
     add(
         "--recovery", type=float, default=5.0, help="seconds watched after the attack [%(default)s]"
