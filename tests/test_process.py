@@ -69,22 +69,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# One worker, two waiting, 1 s timeouts: a hang shows within seconds.
+ONE_WORKER = ("--workers", "1", "--queue-size", "2", "--idle-timeout", "1", "--send-timeout", "1")
+
+
 @pytest.mark.parametrize("model", ["executor", "queue"])
 def test_watchdog_detects_hung_workers_and_exits_non_zero(model: str, tmp_path: Path) -> None:
-    args = (
-        "--model",
-        model,
-        "--workers",
-        "1",
-        "--queue-size",
-        "2",
-        "--idle-timeout",
-        "1",
-        "--send-timeout",
-        "1",
-        "--watchdog-timeout",
-        "3",
-    )
+    args = ("--model", model, *ONE_WORKER, "--watchdog-timeout", "3")
     with (
         server_process(tmp_path, *args, code=HANG_WORKERS) as server,
         connect(server.address) as hung,
@@ -111,20 +102,7 @@ def _tripped(server: ServerProcess) -> float:
 
 
 def test_watchdog_leaves_a_healthy_idle_server_alone(tmp_path: Path) -> None:
-    args = (
-        "--model",
-        "queue",
-        "--workers",
-        "1",
-        "--queue-size",
-        "2",
-        "--idle-timeout",
-        "1",
-        "--send-timeout",
-        "1",
-        "--watchdog-timeout",
-        "5",
-    )
+    args = ("--model", "queue", *ONE_WORKER, "--watchdog-timeout", "5")
     with server_process(tmp_path, *args) as server:
         # Idle connections pin the only worker; the idle timeout frees it, which is progress.
         with connect(server.address), connect(server.address), connect(server.address) as third:
