@@ -44,10 +44,10 @@ endif
 COMPOSE_BIN := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || \
 	(command -v docker-compose >/dev/null 2>&1 && echo docker-compose))
 COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
-NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "make $@: no Docker Engine answers here \
+NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast lint fmt up-local load load-ui flood bench images up down ps logs clean
+.PHONY: help venv test test-fast lint fmt up-local load load-ui flood bench images engine up down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -111,7 +111,10 @@ $(PYTHON_IMAGE); without a registry use: make images OFFLINE=1" >&2; exit 1; }
 		-t echo-cluster/prometheus:latest . || { echo "make images: could not build on \
 $(PROMETHEUS_IMAGE); without a registry use: make images OFFLINE=1" >&2; exit 1; }
 
-up: images ## Start the stack (3 servers + Prometheus) and wait until every service is healthy
+engine:
+	$(NEED_ENGINE)
+
+up: engine images ## Start the stack (3 servers + Prometheus) and wait until every service is healthy
 	$(NEED_ENGINE)
 	@test -n "$(COMPOSE_BIN)" || { echo "make up: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
 	$(COMPOSE) up -d --no-build
