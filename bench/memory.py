@@ -12,7 +12,7 @@ from bench.servers import model_command, proc_status, start, stop
 from loadtest.observe import Sampler
 
 # Run the server under RLIMIT_AS = what it maps at start-up + a budget (MiB, argv[1]).
-_UNDER_AS_LIMIT = """
+UNDER_AS_LIMIT = """
 import resource, sys
 from pathlib import Path
 from services.app import main
@@ -112,7 +112,7 @@ def capacity(stack_size: int, budget_mb: int, attempts: int) -> Capacity:
     command = [
         sys.executable,
         "-c",
-        _UNDER_AS_LIMIT,
+        UNDER_AS_LIMIT,
         str(budget_mb),
         *model_command("threads", "--stack-size", str(stack_size))[3:],
     ]

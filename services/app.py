@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
@@ -29,7 +29,7 @@ def build_server(config: Config) -> Server:
 def exit_hung(reason: str) -> None:
     """Exit from the watchdog thread: a hung worker may never let a normal shutdown
     finish, and the supervisor's restart is the recovery."""
-    threading.Event().wait(_TRIP_LINGER)  # /metrics still answers, showing the trip
+    time.sleep(_TRIP_LINGER)  # /metrics still answers meanwhile, showing the trip
     logging.shutdown()
     os._exit(EXIT_HUNG)
 

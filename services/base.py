@@ -16,7 +16,6 @@ import time
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-from services.concurrency import SharedCounter
 from services.config import Config
 from services.echo import close_reason_for, echo
 from services.stats import ServerStats
@@ -73,7 +72,7 @@ class Server(ABC):
         self._wake_writer.setblocking(False)
         # Open connections and when each was accepted (monotonic seconds).
         self._open: dict[socket.socket, float] = {}
-        self._open_guard = SharedCounter()  # its lock guards `_open`
+        self._open_lock = threading.Lock()
         self._warn = RateLimitedLog(log)
 
     # -- what a model provides -------------------------------------------------
@@ -222,7 +221,7 @@ class Server(ABC):
             conn.close()  # counted as rejected{queue_full}
             return
         try:
-            with self._open_guard.lock:
+            with self._open_lock:
                 self._open[conn] = time.monotonic()
             self.dispatch(conn)
         except MemoryError:
@@ -237,7 +236,7 @@ class Server(ABC):
         self._forget(conn)
 
     def _forget(self, conn: socket.socket) -> None:
-        with self._open_guard.lock:
+        with self._open_lock:
             self._open.pop(conn, None)
         conn.close()
 
@@ -270,7 +269,7 @@ class Server(ABC):
             self.stats.on_close(reason)
 
     def _accepted_at(self, conn: socket.socket) -> float:
-        with self._open_guard.lock:
+        with self._open_lock:
             return self._open.get(conn, time.monotonic())
 
     def _shutdown(self, listener: socket.socket) -> bool:
@@ -280,7 +279,7 @@ class Server(ABC):
         deadline = time.monotonic() + _DRAIN
         while self.stats.busy.value and time.monotonic() < deadline:
             self._stopped.wait(0.05)
-        with self._open_guard.lock:
+        with self._open_lock:
             still_open = list(self._open)
         for conn in still_open:
             with contextlib.suppress(OSError):  # closed by its worker in the meantime

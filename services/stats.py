@@ -12,6 +12,7 @@ so at any instant `accepted == active + rejected + closed` and
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -38,18 +39,18 @@ class OpenLabeledCounter:
     """Like `LabeledCounter`, for label values not known in advance (errno names)."""
 
     def __init__(self) -> None:
-        self._guard = SharedCounter()  # its lock guards the dict itself
+        self._lock = threading.Lock()  # guards the dict; each counter has its own
         self._counters: dict[str, SharedCounter] = {}
 
     def incr(self, label: str) -> None:
-        with self._guard.lock:
+        with self._lock:
             counter = self._counters.get(label)
             if counter is None:
                 counter = self._counters[label] = SharedCounter()
         counter.incr()
 
     def values(self) -> dict[str, int]:
-        with self._guard.lock:
+        with self._lock:
             counters = dict(self._counters)
         return {label: counter.value for label, counter in counters.items()}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.memory import UNDER_AS_LIMIT
 from loadtest.flood import FloodRun, RunSettings, Target, flood
 from loadtest.observe import Sample
 from support import ROOT, ServerProcess, is_served, server_process, wait_until
@@ -107,18 +108,10 @@ def test_threads_model_grows_a_thread_per_idle_connection(tmp_path: Path) -> Non
         assert any("threads grew" in reason for reason in summary.reasons)
 
 
-ADDRESS_SPACE_CAP = """
-import resource, sys
-from pathlib import Path
-from services.app import main
-mapped = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (mapped + 64 * 2**20, resource.RLIM_INFINITY))
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_threads_model_under_a_memory_cap_fails_the_recorded_way(tmp_path: Path) -> None:
-    with server_process(tmp_path, "--model", "threads", code=ADDRESS_SPACE_CAP) as server:
+    with server_process(
+        tmp_path, "--model", "threads", code=UNDER_AS_LIMIT, code_args=("64",)
+    ) as server:
         run = flood(target_of(server, "threads"), "idle", settings(connections=3000))
         summary = run.summary
         if server.process.poll() is None:  # alive: it refused threads and turned clients away

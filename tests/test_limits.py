@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.memory import UNDER_AS_LIMIT
 from services.config import MODELS
 from support import (
     is_served,
@@ -60,23 +61,11 @@ def test_thread_count_follows_open_connections() -> None:
         wait_until(lambda: server.sample("echo_threads") <= baseline, what="threads to go")
 
 
-ADDRESS_SPACE_LIMIT = """
-import resource, sys
-from pathlib import Path
-from services.app import main
-# Allow this much address space beyond what the started interpreter already maps.
-mapped = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-budget = int(sys.argv[1]) * 1024 * 1024
-resource.setrlimit(resource.RLIMIT_AS, (mapped + budget, resource.RLIM_INFINITY))
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def test_refused_thread_is_counted_and_the_server_keeps_serving(tmp_path: Path) -> None:
     # As root RLIMIT_NPROC does not bind; an address-space limit does. With 64 KiB
     # stacks, 64 MiB of address space holds a few hundred connection threads.
     with server_process(
-        tmp_path, "--model", "threads", code=ADDRESS_SPACE_LIMIT, code_args=("64",)
+        tmp_path, "--model", "threads", code=UNDER_AS_LIMIT, code_args=("64",)
     ) as server:
         with open_connections(server.address, 2000):
             wait_until(lambda: "cannot start a thread" in server.log(), what="a refused thread")
