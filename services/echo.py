@@ -69,7 +69,11 @@ def echo(
             if first_wait != idle_timeout:
                 first_wait = idle_timeout
                 _kernel_timeout(conn, socket.SO_RCVTIMEO, idle_timeout)
-            if not _send_within(conn, view[:received], send_timeout):
+            try:  # one send() takes a whole echo unless the client has stopped reading
+                sent = conn.send(view[:received])
+            except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
+                return "slow_reader"
+            if sent < received and not _send_rest(conn, view[sent:received], send_timeout):
                 return "slow_reader"
             sent_total += received
             messages += 1
@@ -83,28 +87,27 @@ def echo(
             on_traffic(received_total, sent_total, messages)
 
 
-def _send_within(conn: socket.socket, data: memoryview, timeout: float | None) -> bool:
-    """Send all of `data`, in at most `timeout` seconds in all; False if the client did not
-    read it in time."""
+def _send_rest(conn: socket.socket, rest: memoryview, timeout: float | None) -> bool:
+    """Send the rest of an echo that the kernel took only part of (the client reads
+    slowly), within `timeout` in all; False if the client did not read it in time."""
     if timeout is None:
-        conn.sendall(data)
+        conn.sendall(rest)
         return True
-    deadline = None
-    while data:
-        try:
-            sent = conn.send(data)
-        except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
-            return False
-        data = data[sent:]
-        if data:  # a partial send: the client reads slowly; bound the total, not each call
-            now = time.monotonic()
-            deadline = deadline or now + timeout
-            if now >= deadline:
+    deadline = time.monotonic() + timeout
+    try:
+        while rest:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            _kernel_timeout(conn, socket.SO_SNDTIMEO, deadline - now)
-    if deadline is not None:
+            _kernel_timeout(conn, socket.SO_SNDTIMEO, remaining)
+            try:
+                sent = conn.send(rest)
+            except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
+                return False
+            rest = rest[sent:]
+        return True
+    finally:
         _kernel_timeout(conn, socket.SO_SNDTIMEO, timeout)
-    return True
 
 
 def _kernel_timeout(conn: socket.socket, option: int, seconds: float | None) -> None:

@@ -84,6 +84,45 @@ def test_client_that_never_reads_frees_its_worker_after_the_send_timeout(model: 
             sender.join(60)
 
 
+def test_send_timeout_bounds_a_whole_echo_not_each_send_call() -> None:
+    # A client that reads a trickle lets every send() make a little progress, so a
+    # per-call timeout never fires; the echo as a whole must still end in time.
+    with running(
+        "executor", workers=1, queue_size=1, idle_timeout=30.0, send_timeout=1.0
+    ) as server:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(server.address)
+        client.settimeout(60)
+        stop = threading.Event()
+
+        def send_everything() -> None:
+            with contextlib.suppress(OSError):
+                client.sendall(os.urandom(8 * 1024 * 1024))
+
+        def read_a_trickle() -> None:
+            with contextlib.suppress(OSError):  # 8 KiB/s: the echo would take 1,000 s
+                while not stop.wait(0.05) and client.recv(400):
+                    pass
+
+        threads = [
+            threading.Thread(target=send_everything),
+            threading.Thread(target=read_a_trickle),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_until(
+                lambda: server.stats.closed["slow_reader"].value == 1,
+                what="the trickle reader to be cut off",
+            )
+        finally:
+            stop.set()
+            client.close()
+            for thread in threads:
+                thread.join(60)
+
+
 def test_threads_model_has_no_timeouts_by_default() -> None:
     with running("threads", idle_timeout=None) as server:
         assert server.service.config.idle_timeout is None
