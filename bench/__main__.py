@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import client, locks, memory
-from bench.servers import compile_c_baseline, model_command, started
+from bench.servers import Running, compile_c, cpu_seconds, model_command, pin, placement, started
 
 MODELS = ("executor", "queue", "threads")
 # Pools sized to the largest connection count, so nothing is turned away: the bench
@@ -31,45 +31,71 @@ POOL = ("--workers", "256", "--queue-size", "64", "--idle-timeout", "30", "--sen
 
 
 def throughput(
-    configs: list[tuple[int, int]], rounds: int, seconds: float, processes: int
+    configs: list[tuple[int, int, bool]], rounds: int, seconds: float, processes: int | None
 ) -> dict[str, Any]:
+    """Each (connections, size, pinned) configuration, every server, interleaved rounds.
+
+    Pinned: every server on the same one CPU and the client on the others, so that they
+    do not compete and every server gets the same CPU. Unpinned: all of them anywhere.
+    """
     specs: dict[str, Sequence[str]] = {model: model_command(model, *POOL) for model in MODELS}
     specs["asyncio"] = [sys.executable, "-m", "bench.asyncio_echo", "0"]
-    c_binary = compile_c_baseline()
-    if c_binary is not None:
-        specs["c-epoll"] = [str(c_binary), "0"]
+    c_server, c_client = compile_c("epoll_echo"), compile_c("pingpong")
+    if c_server is not None:
+        specs["c-epoll"] = [str(c_server), "0"]
+    server_cpus, client_cpus = placement()
+    everywhere = frozenset(os.sched_getaffinity(0))
+    processes = processes or len(client_cpus or everywhere)
     names = list(specs)
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
+
+    def measure(
+        server: Running, connections: int, size: int, pinned: bool, duration: float
+    ) -> dict[str, float]:
+        pin(server.process.pid, server_cpus if pinned and server_cpus else everywhere)
+        before = cpu_seconds(server.process.pid)
+        result = client.run(
+            server.address,
+            connections=connections,
+            size=size,
+            duration=duration,
+            processes=processes,
+            binary=c_client,
+            cpus=client_cpus if pinned else None,
+        )
+        used = cpu_seconds(server.process.pid) - before
+        return asdict(result) | {"server_cpu_us": 1e6 * used / max(result.completions, 1)}
+
     with started(specs) as servers:
         for name in names:  # warm-up, not recorded: first connections, caches, lazy pools
-            client.run(
-                servers[name].address,
-                connections=configs[0][0],
-                size=configs[0][1],
-                duration=0.5,
-                processes=processes,
-            )
+            measure(servers[name], configs[0][0], configs[0][1], configs[0][2], 0.5)
         for round_ in range(rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
-            for connections, size in configs:
-                key = f"{connections} conn x {size // 1024} KiB"
+            for connections, size, pinned in configs:
+                key = config_name(connections, size, pinned and server_cpus is not None)
                 for name in order:
-                    result = client.run(
-                        servers[name].address,
-                        connections=connections,
-                        size=size,
-                        duration=seconds,
-                        processes=processes,
-                    )
-                    results.setdefault(key, {}).setdefault(name, []).append(asdict(result))
+                    row = measure(servers[name], connections, size, pinned, seconds)
+                    results.setdefault(key, {}).setdefault(name, []).append(row)
                     print(
-                        f"  round {round_ + 1}/{rounds} {key:<20} {name:<9} "
-                        f"{result.rate:9.0f} req/s ({result.unstalled_rate:9.0f} unstalled, "
-                        f"{result.loop})",
+                        f"  round {round_ + 1}/{rounds} {key:<30} {name:<9} "
+                        f"{row['rate']:9.0f} req/s ({row['unstalled_rate']:9.0f} unstalled, "
+                        f"{row['server_cpu_us']:6.1f} us server CPU each)",
                         file=sys.stderr,
                         flush=True,
                     )
-    return {"configs": results, "servers": names, "c_baseline": c_binary is not None}
+    return {
+        "configs": results,
+        "servers": names,
+        "c_baseline": c_server is not None,
+        "client": "c-epoll" if c_client else "python",
+        "client_processes": processes,
+        "server_cpus": sorted(server_cpus or []),
+        "client_cpus": sorted(client_cpus or []),
+    }
+
+
+def config_name(connections: int, size: int, pinned: bool) -> str:
+    return f"{connections} conn x {size // 1024} KiB" + ("" if pinned else ", unpinned")
 
 
 def ratios(
@@ -88,6 +114,10 @@ def ratios(
     return statistics.median(values), min(values), max(values)
 
 
+def _cpus(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus)) or "any"
+
+
 def _median(rows: list[dict[str, float]], field: str) -> float:
     return statistics.median(row[field] for row in rows)
 
@@ -97,8 +127,8 @@ def format_throughput(data: dict[str, Any]) -> str:
     for key, per_server in data["configs"].items():
         lines.append(f"\n{key}")
         lines.append(
-            f"  {'server':<10}{'req/s':>9}{'unstalled':>11}{'p50 ms':>8}{'p99 ms':>8}"
-            f"{'p999 ms':>9}   {'vs asyncio':<20}{'vs C epoll':<20}"
+            f"  {'server':<10}{'req/s':>9}{'unstalled':>11}{'CPU us':>8}{'p50 ms':>8}"
+            f"{'p99 ms':>8}{'p999 ms':>9}   {'vs asyncio':<20}{'vs C epoll':<20}"
         )
         for server, rows in per_server.items():
             cells = []
@@ -106,8 +136,9 @@ def format_throughput(data: dict[str, Any]) -> str:
                 r = ratios(per_server, server, reference)
                 cells.append(f"{r[0]:5.2f}x ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
             rate, unstalled = _median(rows, "rate"), _median(rows, "unstalled_rate")
+            cpu = _median(rows, "server_cpu_us")
             lines.append(
-                f"  {server:<10}{rate:>9.0f}{unstalled:>11.0f}"
+                f"  {server:<10}{rate:>9.0f}{unstalled:>11.0f}{cpu:>8.1f}"
                 f"{_median(rows, 'p50_ms'):>8.2f}{_median(rows, 'p99_ms'):>8.2f}"
                 f"{_median(rows, 'p999_ms'):>9.2f}   {cells[0]:<20}{cells[1]:<20}"
             )
@@ -178,16 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run (CI): one config")
     parser.add_argument("--rounds", type=int, help="interleaved rounds [3]")
     parser.add_argument("--seconds", type=float, help="seconds per measurement [3, quick 1]")
-    parser.add_argument(
-        "--processes", type=int, default=os.cpu_count() or 2, help="client processes [cores]"
-    )
+    parser.add_argument("--processes", type=int, help="client processes [one per client CPU]")
     parser.add_argument("--json", type=Path, default=Path("reports/bench.json"))
     parser.add_argument("--chart", type=Path, default=Path("reports/bench.png"))
     args = parser.parse_args(argv)
     quick = args.quick
     rounds = args.rounds or 3
     seconds = args.seconds or (1.0 if quick else 3.0)
-    configs = [(32, 1024)] if quick else [(32, 1024), (256, 1024), (32, 65536), (256, 65536)]
+    configs = [(32, 1024, True)]
+    if not quick:
+        configs += [(256, 1024, True), (32, 65536, True), (256, 65536, True), (32, 1024, False)]
     started_at = time.monotonic()
 
     print("== throughput and latency (ping-pong, loopback)", file=sys.stderr)
@@ -203,8 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lock_results = locks.run(100_000 if quick else 400_000)
 
     print(
-        f"\n== echo cluster bench ({'quick' if quick else 'full'}: {rounds} rounds x {seconds:g} s,"
-        f" {args.processes} client processes)"
+        f"\n== echo cluster bench ({'quick' if quick else 'full'}: {rounds} rounds x {seconds:g} s;"
+        f" client: {data['client']} x {data['client_processes']} on CPUs"
+        f" {_cpus(data['client_cpus'])}; servers pinned to CPU {_cpus(data['server_cpus'])})"
     )
     print(format_throughput(data))
     print(format_memory(costs, capacities))

@@ -1,8 +1,12 @@
 """The bench client: N persistent connections playing ping-pong as fast as the server allows.
 
-Lean on purpose, so that it is not the bottleneck: asyncio protocols (no streams)
-on uvloop where it is installed, split over several processes. Each process
-records every round trip's latency and completion time.
+Lean on purpose, so that it is not the bottleneck. Where the machine has a C
+compiler the client is `pingpong.c`, one epoll loop per process that checks every
+echoed byte; a uvloop client here topped out below the C server, so it measured
+itself. Otherwise: asyncio protocols (no streams) on uvloop where it is installed.
+Either way the connections are split over several processes, each of which
+records every round trip's latency and completion time, and each process can be
+kept to given CPUs (so the client does not run on the server's).
 
 Throughput is reported twice. Raw: completions / wall time. Unstalled: this
 machine freezes processes for milliseconds to seconds at a time, so the
@@ -13,14 +17,20 @@ divided by the sum of those gaps only: the rate while nothing was frozen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import multiprocessing
+import os
 import socket
 import statistics
+import subprocess
+import tempfile
 import time
 from array import array
+from collections.abc import Set
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 STALL = 0.005  # a gap between completions longer than this counts as a freeze
@@ -40,10 +50,13 @@ class ClientResult:
 
 
 class _PingPong(asyncio.Protocol):
+    """One connection: send the payload, check the echo byte for byte, repeat until the
+    deadline. `done` gets True when it ended there, False when an echo was wrong or cut."""
+
     def __init__(
-        self, payload: bytes, deadline: float, record: array[float], done: asyncio.Future[None]
+        self, payload: bytes, deadline: float, record: array[float], done: asyncio.Future[bool]
     ) -> None:
-        self.payload = payload
+        self.payload = memoryview(payload)
         self.deadline = deadline
         self.record = record  # latency, completion time, latency, ...
         self.done = done
@@ -62,8 +75,17 @@ class _PingPong(asyncio.Protocol):
         self.started = time.perf_counter()
         self.transport.write(self.payload)
 
+    def _end(self, ok: bool) -> None:
+        if not self.done.done():
+            self.done.set_result(ok)
+        self.transport.close()
+
     def data_received(self, data: bytes) -> None:
-        self.got += len(data)
+        end = self.got + len(data)
+        if self.payload[self.got : end] != data:  # wrong bytes, or more than was sent
+            self._end(ok=False)
+            return
+        self.got = end
         if self.got < len(self.payload):
             return
         now = time.perf_counter()
@@ -72,24 +94,24 @@ class _PingPong(asyncio.Protocol):
         if now < self.deadline:
             self._send()
         else:
-            self.transport.close()
+            self._end(ok=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+        if not self.done.done():  # the server closed first: the echo in flight is lost
+            self.done.set_result(False)
 
 
 async def _drive(
     address: tuple[str, int], connections: int, size: int, duration: float
 ) -> tuple[array[float], int]:
     loop = asyncio.get_running_loop()
-    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    payload = bytes(i % 256 for i in range(size))  # as pingpong.c sends
     record: array[float] = array("d")
     deadline = time.perf_counter() + duration
-    done: list[asyncio.Future[None]] = []
+    done: list[asyncio.Future[bool]] = []
     errors = 0
     for _ in range(connections):
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[bool] = loop.create_future()
         try:
             await loop.create_connection(
                 functools.partial(_PingPong, payload, deadline, record, future), *address
@@ -98,15 +120,18 @@ async def _drive(
             errors += 1
             continue
         done.append(future)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.gather(*done), timeout=duration + 30)
-    except TimeoutError:
-        errors += sum(not f.done() for f in done)
+    errors += sum(not (f.done() and not f.cancelled() and f.result()) for f in done)
     return record, errors
 
 
-def _process(args: tuple[tuple[str, int], int, int, float, bool]) -> tuple[bytes, int, float, str]:
-    address, connections, size, duration, use_uvloop = args
+def _process(
+    args: tuple[tuple[str, int], int, int, float, bool, Set[int] | None],
+) -> tuple[bytes, int, float, str]:
+    address, connections, size, duration, use_uvloop, cpus = args
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     loop_name = "asyncio"
     if use_uvloop:
         try:
@@ -121,6 +146,46 @@ def _process(args: tuple[tuple[str, int], int, int, float, bool]) -> tuple[bytes
     return record.tobytes(), errors, time.perf_counter() - started, loop_name
 
 
+def _native(
+    binary: Path,
+    address: tuple[str, int],
+    shares: list[int],
+    *,
+    size: int,
+    duration: float,
+    cpus: Set[int] | None,
+) -> list[tuple[bytes, int, float, str]]:
+    """Run one `pingpong` process per share, side by side, and collect their records."""
+    with tempfile.TemporaryDirectory(prefix="bench-client-") as scratch:
+        outputs = [Path(scratch) / f"{i}.bin" for i in range(len(shares))]
+        started = time.perf_counter()
+        processes = [
+            subprocess.Popen(  # noqa: S603 (our own binary)
+                [
+                    str(binary),
+                    address[0],
+                    str(address[1]),
+                    str(n),
+                    str(size),
+                    str(duration),
+                    str(out),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,  # noqa: PLW1509
+            )
+            for n, out in zip(shares, outputs, strict=True)
+        ]
+        parts = []
+        for process, out in zip(processes, outputs, strict=True):
+            stdout, _ = process.communicate(timeout=duration + 60)
+            if process.returncode != 0:
+                raise RuntimeError(f"{binary.name} exited with {process.returncode}")
+            _, errors = (int(field) for field in stdout.split())
+            parts.append((out.read_bytes(), errors, time.perf_counter() - started, "c-epoll"))
+        return parts
+
+
 def run(
     address: tuple[str, int],
     *,
@@ -129,12 +194,21 @@ def run(
     duration: float,
     processes: int = 2,
     use_uvloop: bool = True,
+    binary: Path | None = None,
+    cpus: Set[int] | None = None,
 ) -> ClientResult:
+    """Drive the server at `address`; `binary` is the compiled pingpong client (None: the
+    Python one); `cpus` keeps every client process to those CPUs (None: anywhere)."""
     processes = max(1, min(processes, connections))
     shares = [connections // processes + (i < connections % processes) for i in range(processes)]
-    context = multiprocessing.get_context("fork")
-    with context.Pool(processes) as pool:
-        parts = pool.map(_process, [(address, n, size, duration, use_uvloop) for n in shares])
+    if binary is not None:
+        parts = _native(binary, address, shares, size=size, duration=duration, cpus=cpus)
+    else:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(processes) as pool:
+            parts = pool.map(
+                _process, [(address, n, size, duration, use_uvloop, cpus) for n in shares]
+            )
     latencies: list[float] = []
     completions = 0
     unstalled_rate = 0.0

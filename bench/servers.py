@@ -7,6 +7,7 @@ asyncio streams server and a C epoll server compiled here with the machine's cc.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -36,17 +37,27 @@ class Running:
         return ("127.0.0.1", self.port)
 
 
-def compile_c_baseline() -> Path | None:
-    """Build the epoll server; None (and a note) when no C compiler is here."""
+def compile_c(name: str) -> Path | None:
+    """Build bench/NAME.c (the epoll server, the pingpong client); None when no C
+    compiler is here."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
     BUILD.mkdir(parents=True, exist_ok=True)
-    binary = BUILD / "epoll_echo"
-    source = ROOT / "bench" / "epoll_echo.c"
+    binary = BUILD / name
+    source = ROOT / "bench" / f"{name}.c"
     if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
         subprocess.run([compiler, "-O2", "-o", str(binary), str(source)], check=True)  # noqa: S603
     return binary
+
+
+def placement() -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """(server CPUs, client CPUs): the last CPU for the server, the others for the client,
+    so that neither takes the other's CPU; (None, None) on a single CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return frozenset(cpus[-1:]), frozenset(cpus[:-1])
 
 
 def model_command(model: str, *extra: str) -> list[str]:
@@ -106,6 +117,19 @@ def started(specs: dict[str, Sequence[str]]) -> Iterator[dict[str, Running]]:
     finally:
         for server in running.values():
             stop(server)
+
+
+def pin(pid: int, cpus: frozenset[int]) -> None:
+    """Keep every thread of a process to `cpus`; threads it starts later inherit it."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (the ended ones too)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status(pid: int) -> dict[str, int]:

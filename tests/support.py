@@ -260,3 +260,53 @@ def open_connections(address: tuple[str, int], count: int) -> Iterator[list[sock
     finally:
         for sock in socks:
             sock.close()
+
+
+class FaultyEcho:
+    """An echo server that gets it wrong in one chosen way."""
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.address = self.listener.getsockname()
+        self.stop = threading.Event()
+        self.clients: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept)
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.clients.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                if self.fault == "flip":
+                    conn.sendall(bytes([data[0] ^ 0x01]) + data[1:])
+                elif self.fault == "reorder":
+                    half = len(data) // 2
+                    conn.sendall(data[half:] + data[:half])
+                elif self.fault == "close":
+                    conn.sendall(data[: len(data) // 2])
+                    conn.shutdown(socket.SHUT_RDWR)
+                    return
+                elif self.fault == "silent":
+                    continue
+                else:
+                    conn.sendall(data)
+
+    def __enter__(self) -> FaultyEcho:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.listener.close()
+        for conn in self.clients:
+            conn.close()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import locks
-from support import ROOT
+from bench import client, locks
+from bench.servers import compile_c
+from support import ROOT, FaultyEcho
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -48,6 +49,9 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
         rounds = config[server]
         assert len(rounds) == 3
         assert all(r["completions"] > 0 and r["errors"] == 0 for r in rounds), (server, rounds)
+        assert all(r["server_cpu_us"] > 0 for r in rounds), (server, rounds)
+    native = bool(shutil.which("cc") or shutil.which("gcc"))
+    assert report["throughput"]["client"] == ("c-epoll" if native else "python")
     assert "vs asyncio" in result.stdout and "vs C epoll" in result.stdout
     idle = {row["server"]: row for row in report["idle_costs"]}
     assert set(idle) == {"executor", "queue", "threads 64 KiB", "threads default"}
@@ -62,3 +66,35 @@ def test_locked_counters_lose_nothing() -> None:
         if result.strategy != "unlocked +=":
             assert result.lost == 0, result
         assert result.ops_per_second > 0
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-client", "python-client"])
+def test_client_counts_round_trips_and_every_wrong_or_cut_echo(native: bool) -> None:
+    binary = compile_c("pingpong") if native else None
+    if native and binary is None:
+        pytest.skip("no C compiler")
+    for fault, expect_errors in (("none", False), ("flip", True), ("close", True)):
+        with FaultyEcho(fault) as server:
+            result = client.run(
+                server.address, connections=4, size=3000, duration=0.5, processes=2, binary=binary
+            )
+        if expect_errors:  # every connection fails on its first echo
+            assert (result.completions, result.errors) == (0, 4), (fault, result)
+        else:
+            assert result.completions > 4 and result.errors == 0, result
+            assert 0 < result.p50_ms <= result.p99_ms <= result.p999_ms
+
+
+def test_c_client_refuses_bad_arguments() -> None:
+    binary = compile_c("pingpong")
+    if binary is None:
+        pytest.skip("no C compiler")
+    result = subprocess.run(
+        [str(binary), "127.0.0.1", "1", "0", "10", "1", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "pingpong: bad arguments"
