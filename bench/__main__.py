@@ -142,7 +142,21 @@ def format_throughput(data: dict[str, Any]) -> str:
                 f"{_median(rows, 'p50_ms'):>8.2f}{_median(rows, 'p99_ms'):>8.2f}"
                 f"{_median(rows, 'p999_ms'):>9.2f}   {cells[0]:<20}{cells[1]:<20}"
             )
+        if fastest := per_server.get("c-epoll"):
+            lines.append(client_ceiling(fastest, data["client_processes"]))
     return "\n".join(lines)
+
+
+def client_ceiling(rows: list[dict[str, float]], processes: int) -> str:
+    """What the client could drive at most, from its own CPU time per round trip, against
+    what the fastest server got out of it: a client near its ceiling measures itself."""
+    client_us = _median(rows, "client_cpu_us")
+    ceiling = processes * 1e6 / client_us if client_us else float("inf")
+    return (
+        f"  client: {client_us:.1f} us CPU per round trip against c-epoll, so at most"
+        f" {ceiling:.0f} round trips/s on {processes} process(es):"
+        f" {ceiling / _median(rows, 'rate'):.1f}x what the C server took"
+    )
 
 
 def format_memory(costs: list[memory.IdleCost], capacities: list[memory.Capacity]) -> str:
@@ -207,15 +221,17 @@ def write_chart(data: dict[str, Any], costs: list[memory.IdleCost], path: Path) 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run (CI): one config")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds [3]")
-    parser.add_argument("--seconds", type=float, help="seconds per measurement [3, quick 1]")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds [5, quick 3]")
+    parser.add_argument("--seconds", type=float, help="seconds per measurement [2, quick 1]")
     parser.add_argument("--processes", type=int, help="client processes [one per client CPU]")
     parser.add_argument("--json", type=Path, default=Path("reports/bench.json"))
     parser.add_argument("--chart", type=Path, default=Path("reports/bench.png"))
     args = parser.parse_args(argv)
     quick = args.quick
-    rounds = args.rounds or 3
-    seconds = args.seconds or (1.0 if quick else 3.0)
+    # Many short rounds rather than a few long ones: this machine's speed drifts over
+    # seconds, and a median over more interleaved pairs sees through more of it.
+    rounds = args.rounds or (3 if quick else 5)
+    seconds = args.seconds or (1.0 if quick else 2.0)
     configs = [(32, 1024, True)]
     if not quick:
         configs += [(256, 1024, True), (32, 65536, True), (256, 65536, True), (32, 1024, False)]

@@ -22,6 +22,7 @@ import functools
 import itertools
 import multiprocessing
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -47,6 +48,9 @@ class ClientResult:
     p999_ms: float
     errors: int
     loop: str
+    client_cpu_us: (
+        float  # the client's own CPU time per round trip: its ceiling is 1e6/this per CPU
+    )
 
 
 class _PingPong(asyncio.Protocol):
@@ -141,9 +145,14 @@ def _process(
             loop_name = "uvloop"
         except ImportError:
             pass
-    started = time.perf_counter()
+    before = _cpu_seconds()
     record, errors = asyncio.run(_drive(address, connections, size, duration))
-    return record.tobytes(), errors, time.perf_counter() - started, loop_name
+    return record.tobytes(), errors, _cpu_seconds() - before, loop_name
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _native(
@@ -158,7 +167,6 @@ def _native(
     """Run one `pingpong` process per share, side by side, and collect their records."""
     with tempfile.TemporaryDirectory(prefix="bench-client-") as scratch:
         outputs = [Path(scratch) / f"{i}.bin" for i in range(len(shares))]
-        started = time.perf_counter()
         processes = [
             subprocess.Popen(  # noqa: S603 (our own binary)
                 [
@@ -181,8 +189,8 @@ def _native(
             stdout, _ = process.communicate(timeout=duration + 60)
             if process.returncode != 0:
                 raise RuntimeError(f"{binary.name} exited with {process.returncode}")
-            _, errors = (int(field) for field in stdout.split())
-            parts.append((out.read_bytes(), errors, time.perf_counter() - started, "c-epoll"))
+            _, errors, cpu = stdout.split()
+            parts.append((out.read_bytes(), int(errors), float(cpu), "c-epoll"))
         return parts
 
 
@@ -223,7 +231,6 @@ def run(
         if gaps:
             unstalled_rate += len(gaps) / sum(gaps)
         errors += part_errors
-    seconds = max(part[2] for part in parts)
     return ClientResult(
         completions=completions,
         seconds=duration,
@@ -233,7 +240,8 @@ def run(
         p99_ms=_quantile(latencies, 0.99) * 1000,
         p999_ms=_quantile(latencies, 0.999) * 1000,
         errors=errors,
-        loop=parts[0][3] if seconds else "none",
+        loop=parts[0][3],
+        client_cpu_us=1e6 * sum(part[2] for part in parts) / max(completions, 1),
     )
 
 

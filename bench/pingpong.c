@@ -5,7 +5,8 @@
  * capped the C server here). Every echoed byte is checked.
  *   pingpong HOST PORT CONNECTIONS SIZE SECONDS OUT
  * Writes (latency, completion time) pairs as native doubles, in seconds, to OUT;
- * prints "completions errors" on stdout. Exit 2 on bad arguments. */
+ * prints "completions errors cpu-seconds" on stdout (the CPU it used itself, so that
+ * the bench can tell whether the client was the limit). Exit 2 on bad arguments. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -14,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -135,6 +137,10 @@ int main(int argc, char **argv) {
     }
     errors += open; /* still waiting for an echo when we gave up */
     fclose(out);
-    printf("%ld %ld\n", completions, errors);
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    double cpu = usage.ru_utime.tv_sec + usage.ru_utime.tv_usec / 1e6 + usage.ru_stime.tv_sec +
+                 usage.ru_stime.tv_usec / 1e6;
+    printf("%ld %ld %.6f\n", completions, errors, cpu);
     return 0;
 }

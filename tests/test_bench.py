@@ -49,10 +49,12 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
         rounds = config[server]
         assert len(rounds) == 3
         assert all(r["completions"] > 0 and r["errors"] == 0 for r in rounds), (server, rounds)
-        assert all(r["server_cpu_us"] > 0 for r in rounds), (server, rounds)
+        assert all(r["server_cpu_us"] > 0 and r["client_cpu_us"] > 0 for r in rounds), rounds
     native = bool(shutil.which("cc") or shutil.which("gcc"))
     assert report["throughput"]["client"] == ("c-epoll" if native else "python")
     assert "vs asyncio" in result.stdout and "vs C epoll" in result.stdout
+    if native:
+        assert "client: " in result.stdout and "round trips/s on 1 process(es)" in result.stdout
     idle = {row["server"]: row for row in report["idle_costs"]}
     assert set(idle) == {"executor", "queue", "threads 64 KiB", "threads default"}
     assert idle["threads 64 KiB"]["threads_after"] >= idle["threads 64 KiB"]["connections"]
