@@ -204,7 +204,8 @@ def write_chart(data: dict[str, Any], costs: list[memory.IdleCost], path: Path) 
     for i, server in enumerate(servers):
         values = [_median(data["configs"][k][server], "unstalled_rate") for k in keys]
         left.bar([k + i * width for k in range(len(keys))], values, width, label=server)
-    left.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys, fontsize=8)
+    labels = [k.replace(" x ", "\nx ").replace(", ", "\n") for k in keys]
+    left.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], labels, fontsize=8)
     left.set_ylabel("round trips/s (unstalled, median)")
     left.legend(fontsize=8)
     left.set_title("throughput")
