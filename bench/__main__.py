@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import client, locks, memory
-from bench.servers import Running, compile_c, cpu_seconds, model_command, pin, placement, started
+from bench.servers import (
+    Running,
+    compile_c,
+    cpu_seconds,
+    model_command,
+    pin,
+    placement,
+    started,
+    switches,
+)
 
 MODELS = ("executor", "queue", "threads")
 # Pools sized to the largest connection count, so nothing is turned away: the bench
@@ -53,7 +62,7 @@ def throughput(
         server: Running, connections: int, size: int, pinned: bool, duration: float
     ) -> dict[str, float]:
         pin(server.process.pid, server_cpus if pinned and server_cpus else everywhere)
-        before = cpu_seconds(server.process.pid)
+        before, switches_before = cpu_seconds(server.process.pid), switches(server.process.pid)
         result = client.run(
             server.address,
             connections=connections,
@@ -64,7 +73,17 @@ def throughput(
             cpus=client_cpus if pinned else None,
         )
         used = cpu_seconds(server.process.pid) - before
-        return asdict(result) | {"server_cpu_us": 1e6 * used / max(result.completions, 1)}
+        switched = sum(
+            count - switches_before.get(tid, 0)
+            for tid, count in switches(server.process.pid).items()
+        )
+        completions = max(result.completions, 1)
+        row = asdict(result) | {"server_cpu_us": 1e6 * used / completions}
+        # The threads model's threads end with their connections and take their counts
+        # with them: no number rather than a wrong one.
+        if server.name != "threads":
+            row["switches_per_request"] = switched / completions
+        return row
 
     with started(specs) as servers:
         for name in names:  # warm-up, not recorded: first connections, caches, lazy pools
@@ -127,7 +146,7 @@ def format_throughput(data: dict[str, Any]) -> str:
     for key, per_server in data["configs"].items():
         lines.append(f"\n{key}")
         lines.append(
-            f"  {'server':<10}{'req/s':>9}{'unstalled':>11}{'CPU us':>8}{'p50 ms':>8}"
+            f"  {'server':<10}{'req/s':>9}{'unstalled':>11}{'CPU us':>8}{'switch':>8}{'p50 ms':>8}"
             f"{'p99 ms':>8}{'p999 ms':>9}   {'vs asyncio':<20}{'vs C epoll':<20}"
         )
         for server, rows in per_server.items():
@@ -137,8 +156,10 @@ def format_throughput(data: dict[str, Any]) -> str:
                 cells.append(f"{r[0]:5.2f}x ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
             rate, unstalled = _median(rows, "rate"), _median(rows, "unstalled_rate")
             cpu = _median(rows, "server_cpu_us")
+            switched = [r["switches_per_request"] for r in rows if "switches_per_request" in r]
             lines.append(
                 f"  {server:<10}{rate:>9.0f}{unstalled:>11.0f}{cpu:>8.1f}"
+                f"{f'{statistics.median(switched):.2f}' if switched else '-':>8}"
                 f"{_median(rows, 'p50_ms'):>8.2f}{_median(rows, 'p99_ms'):>8.2f}"
                 f"{_median(rows, 'p999_ms'):>9.2f}   {cells[0]:<20}{cells[1]:<20}"
             )

@@ -132,6 +132,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def switches(pid: int) -> dict[int, int]:
+    """Context switches (voluntary and not) of each live thread of a process, by thread id.
+    A thread that has ended is not counted: /proc has no total for a whole process."""
+    counts = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            status = (task / "status").read_text()
+            counts[int(task.name)] = sum(
+                int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
+            )
+    return counts
+
+
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS, VmSize (bytes) and Threads of a process, from /proc."""
     values = {}

@@ -50,6 +50,12 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
         assert len(rounds) == 3
         assert all(r["completions"] > 0 and r["errors"] == 0 for r in rounds), (server, rounds)
         assert all(r["server_cpu_us"] > 0 and r["client_cpu_us"] > 0 for r in rounds), rounds
+        if server != "threads":  # whose threads end, with their counts, inside the window
+            assert all(r["switches_per_request"] >= 0 for r in rounds), rounds
+        else:
+            assert all("switches_per_request" not in r for r in rounds), rounds
+    for pool in ("executor", "queue"):  # at least one switch per round trip: a thread wakes
+        assert all(r["switches_per_request"] >= 0.5 for r in config[pool]), config[pool]
     native = bool(shutil.which("cc") or shutil.which("gcc"))
     assert report["throughput"]["client"] == ("c-epoll" if native else "python")
     assert "vs asyncio" in result.stdout and "vs C epoll" in result.stdout
