@@ -69,15 +69,15 @@ def echo(
             if first_wait != idle_timeout:
                 first_wait = idle_timeout
                 _kernel_timeout(conn, socket.SO_RCVTIMEO, idle_timeout)
+            now = time.monotonic()  # the echo's send timeout runs from here
             try:  # one send() takes a whole echo unless the client has stopped reading
                 sent = conn.send(view[:received])
             except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
                 return "slow_reader"
-            if sent < received and not _send_rest(conn, view[sent:received], send_timeout):
+            if sent < received and not _send_rest(conn, view[sent:received], send_timeout, now):
                 return "slow_reader"
             sent_total += received
             messages += 1
-            now = time.monotonic()
             if now >= next_flush:
                 on_traffic(received_total, sent_total, messages)
                 received_total = sent_total = messages = 0
@@ -87,13 +87,16 @@ def echo(
             on_traffic(received_total, sent_total, messages)
 
 
-def _send_rest(conn: socket.socket, rest: memoryview, timeout: float | None) -> bool:
+def _send_rest(
+    conn: socket.socket, rest: memoryview, timeout: float | None, started: float
+) -> bool:
     """Send the rest of an echo that the kernel took only part of (the client reads
-    slowly), within `timeout` in all; False if the client did not read it in time."""
+    slowly), by `timeout` after `started` (monotonic), when the echo's first send()
+    began; False if the client did not read it in time."""
     if timeout is None:
         conn.sendall(rest)
         return True
-    deadline = time.monotonic() + timeout
+    deadline = started + timeout
     try:
         while rest:
             remaining = deadline - time.monotonic()
