@@ -115,7 +115,6 @@ engine:
 	$(NEED_ENGINE)
 
 up: engine images ## Start the stack (3 servers + Prometheus) and wait until every service is healthy
-	$(NEED_ENGINE)
 	@test -n "$(COMPOSE_BIN)" || { echo "make up: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
 	$(COMPOSE) up -d --no-build
 	@bash docker/wait-healthy.sh $(UP_TIMEOUT) $(PROJECT)

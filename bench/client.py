@@ -48,9 +48,8 @@ class ClientResult:
     p999_ms: float
     errors: int
     loop: str
-    client_cpu_us: (
-        float  # the client's own CPU time per round trip: its ceiling is 1e6/this per CPU
-    )
+    # The client's own CPU time per round trip: one process drives at most 1e6/this per s.
+    client_cpu_us: float
 
 
 class _PingPong(asyncio.Protocol):
