@@ -75,7 +75,7 @@ fmt: venv ## Format the code and apply ruff's safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-up-local: venv ## Run the three servers on loopback (echo 15001-15003, metrics 9101-9103) until Ctrl-C
+up-local: venv ## Run every model's server on loopback, on the ports of `python -m services.models`, until Ctrl-C
 	$(PY) -m services.cluster
 
 load: venv ## Headless locust run against all three (USERS=90 DURATION=30s); verifies every byte
@@ -118,9 +118,8 @@ up: engine images ## Start the stack (3 servers + Prometheus) and wait until eve
 	@test -n "$(COMPOSE_BIN)" || { echo "make up: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
 	$(COMPOSE) up -d --no-build
 	@bash docker/wait-healthy.sh $(UP_TIMEOUT) $(PROJECT)
-	@echo "echo:       127.0.0.1:15001 (executor)  127.0.0.1:15002 (queue)  127.0.0.1:15003 (threads)"
-	@echo "metrics:    http://127.0.0.1:9101/metrics  :9102  :9103"
-	@echo "prometheus: http://127.0.0.1:9090  (targets: $(TARGETS_PAGE))"
+	@$(PY) -m services.models
+	@echo "  prometheus http://127.0.0.1:9090  (targets: $(TARGETS_PAGE))"
 
 down: ## Stop the stack and remove its containers, network and volume
 	$(NEED_ENGINE)

@@ -22,18 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import client, locks, memory
-from bench.servers import (
-    Running,
-    compile_c,
-    cpu_seconds,
-    model_command,
-    pin,
-    placement,
-    started,
-    switches,
-)
+from bench.servers import compile_c, model_command, pin, placement, started
+from services.launcher import ServerProcess
+from services.models import MODELS
+from services.procfs import context_switches as switches
+from services.procfs import cpu_seconds
 
-MODELS = ("executor", "queue", "threads")
 # Pools sized to the largest connection count, so nothing is turned away: the bench
 # measures what serving a connection costs, not admission control.
 POOL = ("--workers", "256", "--queue-size", "64", "--idle-timeout", "30", "--send-timeout", "30")
@@ -59,8 +53,9 @@ def throughput(
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
 
     def measure(
-        server: Running, connections: int, size: int, pinned: bool, duration: float
+        name: str, server: ServerProcess, setup: tuple[int, int, bool], duration: float
     ) -> dict[str, float]:
+        connections, size, pinned = setup
         pin(server.process.pid, server_cpus if pinned and server_cpus else everywhere)
         before, switches_before = cpu_seconds(server.process.pid), switches(server.process.pid)
         result = client.run(
@@ -81,19 +76,19 @@ def throughput(
         row = asdict(result) | {"server_cpu_us": 1e6 * used / completions}
         # The threads model's threads end with their connections and take their counts
         # with them: no number rather than a wrong one.
-        if server.name != "threads":
+        if name not in MODELS or MODELS[name].bounded:
             row["switches_per_request"] = switched / completions
         return row
 
     with started(specs) as servers:
         for name in names:  # warm-up, not recorded: first connections, caches, lazy pools
-            measure(servers[name], configs[0][0], configs[0][1], configs[0][2], 0.5)
+            measure(name, servers[name], configs[0], 0.5)
         for round_ in range(rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for connections, size, pinned in configs:
                 key = config_name(connections, size, pinned and server_cpus is not None)
                 for name in order:
-                    row = measure(servers[name], connections, size, pinned, seconds)
+                    row = measure(name, servers[name], (connections, size, pinned), seconds)
                     results.setdefault(key, {}).setdefault(name, []).append(row)
                     print(
                         f"  round {round_ + 1}/{rounds} {key:<30} {name:<9} "
@@ -240,6 +235,13 @@ def write_chart(data: dict[str, Any], costs: list[memory.IdleCost], path: Path) 
     plt.close(figure)
 
 
+def stack_capacities(quick: bool) -> list[memory.Capacity]:
+    """The first unbounded model under an address-space limit, small stacks vs default."""
+    unbounded = next(spec.name for spec in MODELS.values() if not spec.bounded)
+    budget, attempts = (128, 1500) if quick else (256, 5000)
+    return [memory.capacity(unbounded, stack, budget, attempts) for stack in (65536, 0)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run (CI): one config")
@@ -263,11 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = throughput(configs, rounds, seconds, args.processes)
     print("== memory per idle connection", file=sys.stderr)
     costs = memory.idle_costs(300 if quick else 2000, 1000 if quick else 10_000)
-    budget = 128 if quick else 256
-    capacities = [
-        memory.capacity(65536, budget, 1500 if quick else 5000),
-        memory.capacity(0, budget, 1500 if quick else 5000),
-    ]
+    capacities = stack_capacities(quick)
     print("== counters", file=sys.stderr)
     lock_results = locks.run(100_000 if quick else 400_000)
 

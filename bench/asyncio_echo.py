@@ -1,6 +1,6 @@
 """The asyncio reference: a stdlib asyncio streams echo server (the stdlib event loop).
 
-python -m bench.asyncio_echo PORT    (prints "ready PORT"; 0 picks a free port)
+python -m bench.asyncio_echo PORT --ready-file PATH    (0 picks a free port)
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+
+from services.launcher import write_ready_file
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -24,12 +26,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def main(port: int) -> None:
+async def main(port: int, ready_file: str | None) -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
-    print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+    if ready_file:
+        write_ready_file(ready_file, ("127.0.0.1", server.sockets[0].getsockname()[1]))
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
+    ready = sys.argv[3] if sys.argv[2:3] == ["--ready-file"] else None
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0, ready))

@@ -2,7 +2,9 @@
 /* The C baseline: a single-threaded, edge-free epoll echo server.
  * Compiled by `make bench` with the machine's cc; it bounds what any server on
  * this machine can do, and so what the bench client can measure.
- *   epoll_echo PORT   (prints "ready PORT" once listening; 0 picks a free port) */
+ *   epoll_echo PORT --ready-file PATH
+ * (0 picks a free port; once listening it writes the launcher's ready file, see
+ * services/launcher.py) */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -30,8 +32,19 @@ int main(int argc, char **argv) {
     }
     socklen_t len = sizeof addr;
     getsockname(listener, (struct sockaddr *)&addr, &len);
-    printf("ready %d\n", ntohs(addr.sin_port));
-    fflush(stdout);
+    if (argc > 3 && strcmp(argv[2], "--ready-file") == 0) {
+        char partial[4096];
+        snprintf(partial, sizeof partial, "%s.partial", argv[3]);
+        FILE *ready = fopen(partial, "w");
+        if (!ready) {
+            perror("ready file");
+            return 1;
+        }
+        fprintf(ready, "{\"pid\": %d, \"echo\": [\"127.0.0.1\", %d], \"metrics\": null}\n",
+                (int)getpid(), ntohs(addr.sin_port));
+        fclose(ready);
+        rename(partial, argv[3]); /* atomic: the launcher never reads half of it */
+    }
 
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = listener}, events[MAX_EVENTS];

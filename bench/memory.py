@@ -4,22 +4,14 @@ an address-space limit with small versus default stacks."""
 from __future__ import annotations
 
 import socket
-import sys
 import time
 from dataclasses import dataclass
 
-from bench.servers import model_command, proc_status, start, stop
-from loadtest.observe import Sampler
-
-# Run the server under RLIMIT_AS = what it maps at start-up + a budget (MiB, argv[1]).
-UNDER_AS_LIMIT = """
-import resource, sys
-from pathlib import Path
-from services.app import main
-mapped = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (mapped + int(sys.argv[1]) * 2**20, resource.RLIM_INFINITY))
-sys.exit(main(sys.argv[2:]))
-"""
+from bench.servers import model_command
+from services.launcher import UNDER_AS_LIMIT, launch, services_command
+from services.metrics import metric, scrape
+from services.models import MODELS
+from services.procfs import status
 
 
 @dataclass(frozen=True)
@@ -65,10 +57,10 @@ def _open(address: tuple[str, int], count: int) -> list[socket.socket]:
 def _settle(pid: int, seconds: float = 1.5) -> dict[str, int]:
     """Wait until the thread count stops changing (or `seconds`), then read /proc."""
     deadline = time.monotonic() + 15
-    last, stable_since = proc_status(pid), time.monotonic()
+    last, stable_since = status(pid), time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - stable_since < seconds:
         time.sleep(0.1)
-        now = proc_status(pid)
+        now = status(pid)
         if now["Threads"] != last["Threads"]:
             stable_since = time.monotonic()
         last = now
@@ -76,15 +68,15 @@ def _settle(pid: int, seconds: float = 1.5) -> dict[str, int]:
 
 
 def idle_cost(name: str, command: list[str], connections: int) -> IdleCost:
-    server = start(name, command)
-    try:
-        before = _settle(server.process.pid)
+    with launch(command) as server:
+        before = _settle(server.pid)
         socks = _open(server.address, connections)
         try:
-            after = _settle(server.process.pid)
+            after = _settle(server.pid)
         finally:
             for sock in socks:
                 sock.close()
+        server.stop()
         return IdleCost(
             server=name,
             connections=len(socks),
@@ -93,44 +85,45 @@ def idle_cost(name: str, command: list[str], connections: int) -> IdleCost:
             rss_growth_mb=(after["VmRSS"] - before["VmRSS"]) / 2**20,
             vsz_growth_mb=(after["VmSize"] - before["VmSize"]) / 2**20,
         )
-    finally:
-        stop(server)
 
 
 def idle_costs(connections: int, bounded_connections: int) -> list[IdleCost]:
-    models = {
-        "executor": (model_command("executor"), bounded_connections),
-        "queue": (model_command("queue"), bounded_connections),
-        "threads 64 KiB": (model_command("threads", "--stack-size", "65536"), connections),
-        "threads default": (model_command("threads", "--stack-size", "0"), connections),
-    }
-    return [idle_cost(name, command, count) for name, (command, count) in models.items()]
+    """Every model; the unbounded ones with a small and the default stack, and as many
+    connections as `connections` (the bounded ones close what they cannot admit)."""
+    runs: dict[str, tuple[list[str], int]] = {}
+    for spec in MODELS.values():
+        if spec.bounded:
+            runs[spec.name] = (model_command(spec.name), bounded_connections)
+            continue
+        for label, stack in (("64 KiB", "65536"), ("default", "0")):
+            command = model_command(spec.name, "--stack-size", stack)
+            runs[f"{spec.name} {label}"] = (command, connections)
+    return [idle_cost(name, command, count) for name, (command, count) in runs.items()]
 
 
-def capacity(stack_size: int, budget_mb: int, attempts: int) -> Capacity:
+def capacity(model: str, stack_size: int, budget_mb: int, attempts: int) -> Capacity:
     """Open connections in batches until the server refuses threads (or `attempts` run out)."""
-    command = [
-        sys.executable,
-        "-c",
-        UNDER_AS_LIMIT,
+    command = services_command(
         str(budget_mb),
-        *model_command("threads", "--stack-size", str(stack_size))[3:],
-    ]
-    server = start(f"threads-as-{stack_size}", command)
-    sampler = Sampler(("127.0.0.1", server.metrics_port or 0), time.monotonic())
+        *model_command(model, "--stack-size", str(stack_size))[3:],
+        code=UNDER_AS_LIMIT,
+    )
     held = refused = 0
     socks: list[socket.socket] = []
-    try:
-        while len(socks) < attempts and not refused:
-            socks += _open(server.address, 50)
-            _settle(server.process.pid, 0.3)
-            sample = sampler.scrape_once()
-            if sample.ok:
-                held = max(held, int(sample.values.get("active", 0)))
-                refused = int(sample.values.get("thread_start_failures", 0))
-        label = "default (8 MiB)" if stack_size == 0 else f"{stack_size // 1024} KiB"
-        return Capacity(label, budget_mb, held, refused)
-    finally:
-        for sock in socks:
-            sock.close()
-        stop(server)
+    with launch(command) as server:
+        metrics = server.metrics_address
+        try:
+            while len(socks) < attempts and not refused:
+                socks += _open(server.address, 50)
+                _settle(server.pid, 0.3)
+                try:
+                    scraped = scrape(metrics)
+                except OSError:
+                    continue
+                held = max(held, int(metric(scraped, "echo_connections_active")))
+                refused = int(metric(scraped, "echo_thread_start_failures_total"))
+        finally:
+            for sock in socks:
+                sock.close()
+    label = "default (8 MiB)" if stack_size == 0 else f"{stack_size // 1024} KiB"
+    return Capacity(label, budget_mb, held, refused)

@@ -14,7 +14,15 @@ import matplotlib.pyplot as plt
 if TYPE_CHECKING:
     from loadtest.flood import FloodRun
 
-COLORS = {"executor": "tab:blue", "queue": "tab:green", "threads": "tab:red"}
+from services.models import MODELS
+
+PALETTE = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown")
+
+
+def color_of(model: str) -> str | None:
+    """The same colour for a model in every chart: by its place in the registry."""
+    names = list(MODELS)
+    return PALETTE[names.index(model) % len(PALETTE)] if model in names else None
 
 
 def write_charts(runs: Sequence[FloodRun], directory: Path) -> list[Path]:
@@ -24,7 +32,7 @@ def write_charts(runs: Sequence[FloodRun], directory: Path) -> list[Path]:
         chosen = [run for run in runs if run.scenario == scenario]
         figure, (threads, rss, latency) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
         for run in chosen:
-            color = COLORS.get(run.target)
+            color = color_of(run.target)
             label = f"{run.target} ({run.summary.verdict})"
             good = [s for s in run.samples if s.ok]
             times = [s.at - run.attack_start for s in good]

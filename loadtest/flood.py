@@ -21,10 +21,9 @@ from typing import Any, TextIO
 
 from loadtest.attacks import SCENARIOS, Attack, AttackCounts, AttackPlan, AttackRefused
 from loadtest.observe import Probe, ProbeResult, Sample, Sampler
-from loadtest.verdict import VERDICTS, Limits, Summary, judge, settle_seconds
+from loadtest.verdict import VERDICTS, Limits, Summary, judge_flood, settle_seconds
 from services.config import OneLineParser
-
-SERVICES = {"executor": (15001, 9101), "queue": (15002, 9102), "threads": (15003, 9103)}
+from services.models import MODELS
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ def flood(
             if thread.is_alive():
                 thread.join(30)
     samples, probes = sampler.samples(), probe.results()
-    summary = judge(
+    summary = judge_flood(
         samples,
         probes,
         attack_start=attack_start,
@@ -193,7 +192,7 @@ class _Watch:
         )
 
 
-def format_table(runs: Sequence[FloodRun]) -> str:
+def format_flood_table(runs: Sequence[FloodRun]) -> str:
     header = (
         f"{'scenario':<12}{'server':<10}{'verdict':<10}{'threads':>13}{'RSS MiB':>15}"
         f"{'probe ok':>10}{'probe p99':>11}  turned away / cut off"
@@ -227,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add(
         "--targets",
-        default="executor,queue,threads",
-        help="comma-separated services (executor, queue, threads) [%(default)s]",
+        default=",".join(MODELS),
+        help=f"comma-separated services ({', '.join(MODELS)}) [%(default)s]",
     )
     add("--host", default="127.0.0.1", help="loopback address of the services [%(default)s]")
     add("--port", type=int, help="echo port, overriding the service's default (one target only)")
@@ -273,18 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def targets_from(args: argparse.Namespace) -> list[Target]:
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SERVICES]
+    unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         raise AttackRefused(
-            f"targets: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(SERVICES)}"
+            f"targets: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}"
         )
     if (args.port or args.metrics_port) and len(names) != 1:
         raise AttackRefused("--port/--metrics-port need exactly one target")
     return [
         Target(
             name,
-            (args.host, args.port or SERVICES[name][0]),
-            (args.host, args.metrics_port or SERVICES[name][1]),
+            (args.host, args.port or MODELS[name].port),
+            (args.host, args.metrics_port or MODELS[name].metrics_port),
         )
         for name in names
     ]
@@ -336,7 +335,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
 
 def report(runs: list[FloodRun], args: argparse.Namespace, out: TextIO) -> int:
     """Print the table and reasons, write JSON and charts; the exit status for --expect."""
-    print(format_table(runs), file=out)
+    print(format_flood_table(runs), file=out)
     for run in runs:
         for reason in run.summary.reasons:
             print(f"  {run.scenario} / {run.target}: {reason}", file=out)

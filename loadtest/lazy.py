@@ -12,17 +12,12 @@ from types import TracebackType
 
 
 class LazyConnection:
-    def __init__(
-        self,
-        address: tuple[str, int],
-        timeout: float,
-        family: socket.AddressFamily = socket.AF_INET,
-        kind: socket.SocketKind = socket.SOCK_STREAM,
-    ) -> None:
+    def __init__(self, address: tuple[str, int], timeout: float) -> None:
         self.address = address
         self.timeout = timeout
-        self.family = family
-        self.kind = kind
+        # The recipe took the family as an argument that no caller passed, so an IPv6
+        # address failed; the address says which it is.
+        self.family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._local = threading.local()
 
     @property
@@ -33,7 +28,7 @@ class LazyConnection:
         """This thread's socket, connecting first if it has none."""
         sock: socket.socket | None = getattr(self._local, "sock", None)
         if sock is None:
-            sock = socket.socket(self.family, self.kind)
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
             try:
                 sock.settimeout(self.timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

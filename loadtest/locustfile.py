@@ -18,9 +18,8 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from loadtest.echo_client import EchoClient, PayloadSize
-from loadtest.report import Thresholds, judge, service_rows, write_summary
-
-SERVICES = {"executor": 15001, "queue": 15002, "threads": 15003}
+from loadtest.report import Thresholds, judge_load, service_rows, write_summary
+from services.models import MODELS
 
 
 @events.init_command_line_parser.add_listener
@@ -32,13 +31,13 @@ def add_options(parser: Any) -> None:
         default="127.0.0.1",
         help="address of the echo servers",
     )
-    for service, port in SERVICES.items():
+    for spec in MODELS.values():
         group.add_argument(
-            f"--{service}-port",
-            env_var=f"ECHO_LOAD_{service.upper()}_PORT",
+            f"--{spec.name}-port",
+            env_var=f"ECHO_LOAD_{spec.name.upper()}_PORT",
             type=int,
-            default=port,
-            help=f"{service} server's echo port",
+            default=spec.port,
+            help=f"{spec.name} server's echo port",
         )
     group.add_argument(
         "--payload",
@@ -151,16 +150,16 @@ class EchoUser(User):
         self.client.close()
 
 
-class ExecutorUser(EchoUser):
-    service = "executor"
+def user_class_name(model: str) -> str:
+    return "".join(part.title() for part in model.replace("-", "_").split("_")) + "User"
 
 
-class QueueUser(EchoUser):
-    service = "queue"
-
-
-class ThreadsUser(EchoUser):
-    service = "threads"
+# One user class per registered model (ExecutorUser, QueueUser, ThreadsUser, ...), made
+# here so that a new model needs no edit in this file; locust finds them in this module.
+for _spec in MODELS.values():
+    globals()[user_class_name(_spec.name)] = type(
+        user_class_name(_spec.name), (EchoUser,), {"service": _spec.name, "__module__": __name__}
+    )
 
 
 @events.quitting.add_listener
@@ -170,6 +169,6 @@ def report(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
     selected = [cls.service for cls in environment.user_classes if issubclass(cls, EchoUser)]
     rows = service_rows(environment.stats, selected)
-    verdict = judge(rows, Thresholds(max_failure_ratio=options.max_failure_ratio))
+    verdict = judge_load(rows, Thresholds(max_failure_ratio=options.max_failure_ratio))
     write_summary(rows, verdict, options.summary_json or None)
     environment.process_exit_code = 0 if verdict.ok else 1

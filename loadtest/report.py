@@ -73,7 +73,7 @@ def service_rows(stats: Any, services: list[str]) -> list[ServiceRow]:
     return rows
 
 
-def judge(rows: list[ServiceRow], thresholds: Thresholds) -> Verdict:
+def judge_load(rows: list[ServiceRow], thresholds: Thresholds) -> Verdict:
     reasons = []
     for row in rows:
         if row.failures.get("mismatch"):
@@ -88,7 +88,7 @@ def judge(rows: list[ServiceRow], thresholds: Thresholds) -> Verdict:
     return Verdict(ok=not reasons, reasons=reasons)
 
 
-def format_table(rows: list[ServiceRow]) -> str:
+def format_load_table(rows: list[ServiceRow]) -> str:
     header = (
         f"{'service':<10}{'echoes':>9}{'req/s':>9}{'mean ms':>9}"
         f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'connects':>10}  failures by kind"
@@ -106,7 +106,7 @@ def format_table(rows: list[ServiceRow]) -> str:
 
 def write_summary(rows: list[ServiceRow], verdict: Verdict, json_path: str | None) -> None:
     print("\n== echo load test: per service ==", file=sys.stderr)
-    print(format_table(rows), file=sys.stderr)
+    print(format_load_table(rows), file=sys.stderr)
     if verdict.ok:
         print("result: PASS (every echo verified byte for byte)", file=sys.stderr)
     else:

@@ -64,7 +64,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(fraction * 1000) - 1]
 
 
-def judge(
+def judge_flood(
     samples: list[Sample],
     probes: list[ProbeResult],
     *,

@@ -12,8 +12,8 @@ from types import FrameType
 
 from services.base import PortInUseError, Server
 from services.config import Config, ConfigError, parse_config
+from services.launcher import write_ready_file
 from services.metrics import MetricsServer, build_registry
-from services.models import MODELS
 from services.watchdog import Lane, Watchdog
 
 log = logging.getLogger("echo")
@@ -23,7 +23,7 @@ _TRIP_LINGER = 2.0  # keep /metrics up this long after a trip so a scrape can se
 
 
 def build_server(config: Config) -> Server:
-    return MODELS[config.model](config)
+    return config.spec.server_class()(config)
 
 
 def exit_hung(reason: str) -> None:
@@ -71,20 +71,21 @@ class Service:
     def metrics_address(self) -> tuple[str, int]:
         return self.metrics.address
 
-    def serve(self) -> bool:
+    def run(self) -> bool:
         """Serve until `server.stop()`; True when the shutdown was clean."""
         self.metrics.start()
         if self.watchdog is not None:
             self.watchdog.start()
         try:
-            return self.server.serve_forever()
+            return self.server.run()
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
             self.metrics.stop()
 
 
-def run(config: Config) -> int:
+def run_until_stopped(config: Config) -> int:
+    """Serve `config` until SIGTERM or SIGINT; the process's exit status."""
     try:
         service = Service(config)
     except PortInUseError as error:
@@ -108,7 +109,9 @@ def run(config: Config) -> int:
         config.idle_timeout,
         config.send_timeout,
     )
-    clean = service.serve()
+    if config.ready_file:
+        write_ready_file(config.ready_file, service.address, service.metrics_address)
+    clean = service.run()
     log.info("echo server stopped%s", "" if clean else " with workers still busy")
     return 0 if clean else 1
 
@@ -137,4 +140,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level,
         format=f"%(asctime)s %(levelname)s {config.model}: %(message)s",
     )
-    return run(config)
+    return run_until_stopped(config)

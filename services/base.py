@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import ClassVar
 
 from services.config import Config
 from services.echo import close_reason_for, echo
@@ -59,8 +58,6 @@ class RateLimitedLog:
 
 
 class Server(ABC):
-    model: ClassVar[str]
-
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stats = ServerStats()
@@ -79,7 +76,7 @@ class Server(ABC):
 
     @abstractmethod
     def start_workers(self) -> None:
-        """Create whatever runs connections; called once, before accepting."""
+        """Start whatever runs connections; called once, before accepting."""
 
     @abstractmethod
     def dispatch(self, conn: socket.socket) -> None:
@@ -151,7 +148,7 @@ class Server(ABC):
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
-    def serve_forever(self) -> bool:
+    def run(self) -> bool:
         """Accept until `stop()`, then shut down; True when every worker finished in time."""
         listener = self._listener
         if listener is None:
@@ -217,7 +214,7 @@ class Server(ABC):
         return 0.0
 
     def _admit(self, conn: socket.socket) -> None:
-        if not self.stats.on_accept(self.capacity):
+        if not self.stats.try_admit(self.capacity):
             conn.close()  # counted as rejected{queue_full}
             return
         try:
@@ -229,7 +226,7 @@ class Server(ABC):
             self._warn.warning("out of memory while admitting a connection; closed it")
         except Exception:
             log.exception("dispatch failed; closing the connection")
-            self.reject(conn, "thread_start_failed")
+            self.reject(conn, "dispatch_failed")
 
     def reject(self, conn: socket.socket, reason: str) -> None:
         self.stats.on_reject(reason)
@@ -240,7 +237,7 @@ class Server(ABC):
             self._open.pop(conn, None)
         conn.close()
 
-    def serve(self, conn: socket.socket) -> None:
+    def handle_connection(self, conn: socket.socket) -> None:
         """Run one connection to its end on the calling worker thread. Never raises."""
         self.stats.on_start()
         reason = "error"

@@ -15,16 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
-MODELS = ("executor", "queue", "threads")
+from services.models import MODELS, ModelSpec
 
-# The ports every other piece of the project (compose, load tests, floods) expects.
-DEFAULT_PORTS = {"executor": 15001, "queue": 15002, "threads": 15003}
-DEFAULT_METRICS_PORTS = {"executor": 9101, "queue": 9102, "threads": 9103}
-
-# Only the bounded models defend their workers by default; `threads` is the
-# undefended control group.
-DEFAULT_IDLE_TIMEOUT = 10.0
-DEFAULT_SEND_TIMEOUT = 10.0
+# Field values that mean "this model's default, from the registry". Neither can come
+# from the command line or the environment: ports and seconds parse as 0 or more.
+FROM_MODEL = -1
+FROM_MODEL_SECONDS = -1.0
 MIN_STACK_SIZE = 32 * 1024  # CPython refuses smaller thread stacks
 PAGE_SIZE = 4096
 
@@ -37,19 +33,29 @@ class ConfigError(ValueError):
 class Config:
     model: str
     host: str = "127.0.0.1"
-    port: int = 15001
-    metrics_port: int = 9101
+    port: int = FROM_MODEL
+    metrics_port: int = FROM_MODEL
     workers: int = 32
     queue_size: int = 64
-    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
-    send_timeout: float | None = DEFAULT_SEND_TIMEOUT
+    idle_timeout: float | None = FROM_MODEL_SECONDS
+    send_timeout: float | None = FROM_MODEL_SECONDS
     stack_size: int = 64 * 1024
     backlog: int = 1024
     watchdog_timeout: float | None = 60.0
     log_level: str = "INFO"
+    ready_file: str | None = None  # written once both ports listen (see services.launcher)
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "--model", f"must be one of {', '.join(MODELS)}")
+        spec = self.spec
+        for name, default in (
+            ("port", spec.port),
+            ("metrics_port", spec.metrics_port),
+            ("idle_timeout", spec.idle_timeout),
+            ("send_timeout", spec.send_timeout),
+        ):
+            if getattr(self, name) in (FROM_MODEL, FROM_MODEL_SECONDS):
+                object.__setattr__(self, name, default)  # frozen: only here, at creation
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -95,8 +101,12 @@ class Config:
         )
 
     @property
+    def spec(self) -> ModelSpec:
+        return MODELS[self.model]
+
+    @property
     def bounded(self) -> bool:
-        return self.model != "threads"
+        return self.spec.bounded
 
 
 def _check(ok: bool, flag: str, problem: str) -> None:
@@ -120,19 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add(
         "--model",
-        help="threading model: executor (bounded ThreadPoolExecutor), queue "
-        "(bounded queue.Queue + N workers) or threads (a new thread per connection, "
-        "unbounded) [ECHO_MODEL]",
+        help="threading model: "
+        + "; ".join(f"{spec.name} ({spec.summary})" for spec in MODELS.values())
+        + " [ECHO_MODEL]",
     )
     add("--host", help="address to listen on, echo and metrics [ECHO_HOST, default 127.0.0.1]")
     add(
         "--port",
-        help="echo port; 0 picks a free one [ECHO_PORT, default 15001/15002/15003 by model]",
+        help="echo port; 0 picks a free one [ECHO_PORT, default by model: "
+        + _by_model(lambda spec: spec.port)
+        + "]",
     )
     add(
         "--metrics-port",
         help="Prometheus /metrics port; 0 picks a free one "
-        "[ECHO_METRICS_PORT, default 9101/9102/9103 by model]",
+        "[ECHO_METRICS_PORT, default by model: " + _by_model(lambda spec: spec.metrics_port) + "]",
     )
     add("--workers", help="worker threads of the bounded models [ECHO_WORKERS, default 32]")
     add(
@@ -143,12 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--idle-timeout",
         help="seconds a connection may send nothing before it is closed; "
-        "0 turns it off [ECHO_IDLE_TIMEOUT, default 10 for executor/queue, off for threads]",
+        "0 turns it off [ECHO_IDLE_TIMEOUT, default by model: "
+        + _by_model(lambda spec: spec.idle_timeout)
+        + "]",
     )
     add(
         "--send-timeout",
         help="seconds one echo may take to drain to a client that does not "
-        "read; 0 turns it off [ECHO_SEND_TIMEOUT, default 10 for executor/queue, off for threads]",
+        "read; 0 turns it off [ECHO_SEND_TIMEOUT, default by model: "
+        + _by_model(lambda spec: spec.send_timeout)
+        + "]",
     )
     add(
         "--stack-size",
@@ -163,7 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
         "[ECHO_WATCHDOG_TIMEOUT, default 60]",
     )
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR [ECHO_LOG_LEVEL, default INFO]")
+    add(
+        "--ready-file",
+        help="once both ports listen, write them to this file as JSON, for whatever started "
+        "the server (services.launcher) [ECHO_READY_FILE]",
+    )
     return parser
+
+
+def _by_model(value: Callable[[ModelSpec], object]) -> str:
+    def shown(item: object) -> str:
+        return "off" if item is None else f"{item:g}" if isinstance(item, float) else str(item)
+
+    return ", ".join(f"{shown(value(spec))} {spec.name}" for spec in MODELS.values())
 
 
 T = TypeVar("T")
@@ -194,30 +222,32 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         try:
             return convert(value)
         except ValueError:
-            raise ConfigError(f"{source}: {value!r} is not a valid {convert.__name__}") from None
+            raise ConfigError(
+                f"{source}: {value!r} is not a valid {convert.__name__.replace('_', ' ')}"
+            ) from None
 
     model_found = raw("model")
     if model_found is None:
-        raise ConfigError("--model: required (or set ECHO_MODEL): executor, queue or threads")
+        raise ConfigError(f"--model: required (or set ECHO_MODEL): {', '.join(MODELS)}")
     model, source = model_found
     if model not in MODELS:
         raise ConfigError(f"{source}: {model!r} is not one of {', '.join(MODELS)}")
-    defended = DEFAULT_IDLE_TIMEOUT if model != "threads" else 0.0
-    send_default = DEFAULT_SEND_TIMEOUT if model != "threads" else 0.0
+    spec = MODELS[model]
     try:
         return Config(
             model=model,
             host=get("host", str, Config.host),
-            port=get("port", integer, DEFAULT_PORTS[model]),
-            metrics_port=get("metrics_port", integer, DEFAULT_METRICS_PORTS[model]),
+            port=get("port", port_number, spec.port),
+            metrics_port=get("metrics_port", port_number, spec.metrics_port),
             workers=get("workers", integer, Config.workers),
             queue_size=get("queue_size", integer, Config.queue_size),
-            idle_timeout=_off_if_zero(get("idle_timeout", seconds, defended)),
-            send_timeout=_off_if_zero(get("send_timeout", seconds, send_default)),
+            idle_timeout=_off_if_zero(get("idle_timeout", seconds, spec.idle_timeout or 0.0)),
+            send_timeout=_off_if_zero(get("send_timeout", seconds, spec.send_timeout or 0.0)),
             stack_size=get("stack_size", integer, Config.stack_size),
             backlog=get("backlog", integer, Config.backlog),
             watchdog_timeout=_off_if_zero(get("watchdog_timeout", seconds, 60.0)),
             log_level=get("log_level", str, Config.log_level).upper(),
+            ready_file=get("ready_file", str, None),
         )
     except ConfigError as error:
         raise ConfigError(_name_source(str(error), raw)) from None
@@ -238,8 +268,15 @@ def integer(text: str) -> int:
     return int(text, 10)
 
 
+def port_number(text: str) -> int:
+    value = int(text, 10)
+    if value < 0:  # a range check follows in Config; this keeps FROM_MODEL out
+        raise ValueError(text)
+    return value
+
+
 def seconds(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value):
+    if not math.isfinite(value) or value < 0:
         raise ValueError(text)
     return value

@@ -12,6 +12,7 @@ import errno
 import logging
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -23,9 +24,11 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from services import procfs
 from services.base import PortInUseError, Server
 from services.watchdog import Watchdog
 
@@ -99,14 +102,8 @@ class EchoCollector(Collector):
 
 def os_thread_count() -> int:
     """Threads the kernel sees; `threading.active_count()` misses low-level `_thread` ones."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return threading.active_count()
+    counted = procfs.thread_count()
+    return threading.active_count() if counted is None else counted
 
 
 def _seconds_label(seconds: float | None) -> str:
@@ -191,10 +188,28 @@ class MetricsServer:
         self._httpd.server_close()
 
 
-def samples(families: Iterable[Metric]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Scraped = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(families: Iterable[Metric]) -> Scraped:
     """Flatten metric families into {(name, sorted labels): value}, for tests and tools."""
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in families
         for sample in family.samples
     }
+
+
+def scrape(address: tuple[str, int], timeout: float = 5.0) -> Scraped:
+    """GET /metrics from a server (ours, on loopback) and flatten it; OSError if it fails."""
+    host, port = address
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    return samples(text_string_to_metric_families(text))
+
+
+def metric(scraped: Scraped, name: str, **labels: str) -> float:
+    """One value from `scrape()`; 0 when the series is absent (a counter never moved)."""
+    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)

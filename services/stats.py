@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from services.concurrency import SharedCounter, adjust, locked, snapshot
 
-REJECT_REASONS = ("queue_full", "thread_start_failed", "out_of_memory")
+REJECT_REASONS = ("queue_full", "thread_start_failed", "out_of_memory", "dispatch_failed")
 CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown")
 
 
@@ -87,7 +87,7 @@ class ServerStats:
         self.worker_threads = SharedCounter()
         self.accept_loop_ticks = SharedCounter()
 
-    def on_accept(self, capacity: int | None) -> bool:
+    def try_admit(self, capacity: int | None) -> bool:
         """Count an accepted connection and admit it, unless `capacity` are already in."""
         full = self.rejected["queue_full"]
         with locked(self.accepted, self.queued, self.busy, full):

@@ -29,12 +29,11 @@ class Watchdog:
         lanes: list[Lane],
         timeout: float,
         on_trip: Callable[[str], None],
-        interval: float | None = None,
     ) -> None:
         self._lanes = lanes
         self.timeout = timeout
         self._on_trip = on_trip
-        self._interval = interval if interval is not None else min(1.0, timeout / 4)
+        self._interval = min(1.0, timeout / 4)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="echo-watchdog", daemon=True)
         self._lock = threading.Lock()

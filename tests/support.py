@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from bench.servers import cpu_seconds
 from services.app import Service
 from services.config import Config
-from services.metrics import samples
+from services.launcher import ROOT, ServerProcess, services_command
+from services.metrics import metric, scrape
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["ROOT", "ServerProcess", "metric", "scrape"]  # re-exported for the tests
+
 EVENTUALLY = 30.0  # generous: this machine can freeze a process for seconds
 
 
@@ -45,11 +38,11 @@ def wait_until(
 
 
 def config(model: str, **overrides: Any) -> Config:
-    """A config for tests: loopback, free ports, and whatever the test overrides."""
-    base = Config(model=model, port=0, metrics_port=0, log_level="DEBUG")
-    if model == "threads":
-        base = replace(base, idle_timeout=None, send_timeout=None)
-    return replace(base, **overrides)
+    """A config for tests: the model's defaults, loopback, free ports, and whatever the test
+    overrides."""
+    return Config(
+        **{"model": model, "port": 0, "metrics_port": 0, "log_level": "DEBUG", **overrides}
+    )
 
 
 class RunningService:
@@ -81,7 +74,7 @@ def running(
     handle: RunningService
 
     def serve() -> None:
-        handle.clean = service.serve()
+        handle.clean = service.run()
 
     handle = RunningService(service, threading.Thread(target=serve, name=f"serve-{model}"))
     handle.thread.start()
@@ -154,91 +147,17 @@ def held_open(sock: socket.socket) -> bool:
         sock.setblocking(True)
 
 
-def scrape(
-    address: tuple[str, int], timeout: float = 5.0
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    host, port = address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:
-        text = response.read().decode()
-    return samples(text_string_to_metric_families(text))
-
-
-def metric(
-    scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-class ServerProcess:
-    """`python -m services` as a child process; its log goes to a file we can read."""
-
-    READY = re.compile(r"ready model=\w+ echo=([\d.]+):(\d+) metrics=([\d.]+):(\d+)")
-
-    def __init__(
-        self,
-        log_path: Path,
-        *args: str,
-        code: str | None = None,
-    ) -> None:
-        self.log_path = log_path
-        command = (
-            [sys.executable, "-c", code, *args]
-            if code
-            else [sys.executable, "-m", "services", *args]
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO_")}
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
-            )
-        self.address: tuple[str, int] = ("", 0)
-        self.metrics_address: tuple[str, int] = ("", 0)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = EVENTUALLY) -> ServerProcess:
-        def ready() -> re.Match[str] | None:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            return self.READY.search(self.log())
-
-        match = wait_until(ready, timeout, "the server's ready line")
-        self.address = (match[1], int(match[2]))
-        self.metrics_address = (match[3], int(match[4]))
-        return self
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-
-    def wait(self, timeout: float = EVENTUALLY) -> int:
-        return self.process.wait(timeout)
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process.pid)
-
-    def rss_bytes(self) -> int:
-        return int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1]) * os.sysconf(
-            "SC_PAGE_SIZE"
-        )
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(EVENTUALLY)
-
-
 @contextlib.contextmanager
 def server_process(
     tmp_path: Path, *args: str, code: str | None = None, code_args: tuple[str, ...] = ()
 ) -> Iterator[ServerProcess]:
-    """A server process on free ports; `code` replaces `-m services`, given `code_args` first."""
-    proc = ServerProcess(
-        tmp_path / "server.log", *code_args, "--port", "0", "--metrics-port", "0", *args, code=code
-    )
+    """A server process on free ports; `code` replaces `-m services`, given `code_args` first.
+    No ECHO_* variable of the test run's own reaches it."""
+    command = services_command(*code_args, "--port", "0", "--metrics-port", "0", *args, code=code)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO_")}
+    proc = ServerProcess(command, log_path=tmp_path / "server.log", env=env)
     try:
-        yield proc.wait_ready()
+        yield proc.wait_ready(EVENTUALLY)
     except BaseException:
         print(proc.log())
         raise

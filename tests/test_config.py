@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from services.config import Config, ConfigError, parse_config
+from services.models import MODELS, ModelSpec
 
 
 def test_defaults_follow_the_model() -> None:
@@ -30,6 +31,27 @@ def test_environment_fills_in_and_flags_win() -> None:
     assert flagged.idle_timeout is None  # 0 turns it off
 
 
+@pytest.mark.parametrize("spec", list(MODELS.values()), ids=list(MODELS))
+def test_a_config_built_directly_gets_its_own_models_defaults(spec: ModelSpec) -> None:
+    config = Config(model=spec.name)
+    assert (config.port, config.metrics_port) == (spec.port, spec.metrics_port)
+    assert (config.idle_timeout, config.send_timeout) == (spec.idle_timeout, spec.send_timeout)
+    assert config.bounded == spec.bounded
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "-1"], "--port: '-1' is not a valid port number"),
+        (["--metrics-port", "-1"], "--metrics-port: '-1' is not a valid port number"),
+        (["--idle-timeout", "-1"], "--idle-timeout: '-1' is not a valid seconds"),
+    ],
+)
+def test_the_model_default_markers_cannot_be_given(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--model", "queue", *args], env={})
+
+
 def test_the_config_is_frozen() -> None:
     config = Config(model="queue")
     with pytest.raises(AttributeError):
@@ -41,10 +63,11 @@ def test_the_config_is_frozen() -> None:
     [
         ({"workers": 0}, "--workers"),
         ({"queue_size": 0}, "--queue-size"),
-        ({"port": -1}, "--port"),
+        ({"port": 70000}, "--port"),
+        ({"port": -2}, "--port"),
         ({"port": 9000, "metrics_port": 9000}, "--metrics-port: 9000 is also the echo port"),
         ({"stack_size": 40000}, "--stack-size"),
-        ({"idle_timeout": -1.0}, "--idle-timeout"),
+        ({"idle_timeout": -2.0}, "--idle-timeout"),
         ({"log_level": "LOUD"}, "--log-level"),
         ({"watchdog_timeout": 10.0}, "--watchdog-timeout: must be longer than --idle-timeout"),
     ],

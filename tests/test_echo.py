@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.config import MODELS
+from services.models import MODELS
 from support import (
     RunningService,
     connect,
@@ -25,7 +25,7 @@ from support import (
 )
 
 
-@pytest.fixture(params=MODELS, scope="module")
+@pytest.fixture(params=list(MODELS), scope="module")
 def server(request: pytest.FixtureRequest) -> Iterator[RunningService]:
     with running(request.param, workers=64, queue_size=512) as handle:
         yield handle

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.memory import UNDER_AS_LIMIT
 from loadtest.flood import FloodRun, RunSettings, Target, flood
 from loadtest.observe import Sample
+from services.launcher import UNDER_AS_LIMIT
 from support import ROOT, ServerProcess, is_served, server_process, wait_until
 
 pytestmark = [pytest.mark.flood, pytest.mark.timeout(120)]

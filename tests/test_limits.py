@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.memory import UNDER_AS_LIMIT
-from services.config import MODELS
+from services.launcher import UNDER_AS_LIMIT
+from services.models import MODELS
 from support import (
     is_served,
     metric,
@@ -28,7 +28,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", list(MODELS))
 def test_emfile_in_accept_neither_crashes_nor_spins_and_recovers(
     model: str, tmp_path: Path
 ) -> None:
@@ -79,7 +79,7 @@ def test_refused_thread_is_counted_and_the_server_keeps_serving(tmp_path: Path) 
         assert server.process.poll() is None
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", list(MODELS))
 def test_metrics_answer_while_1000_idle_connections_sit_on_the_echo_port(
     model: str, tmp_path: Path
 ) -> None:

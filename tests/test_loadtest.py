@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from loadtest.echo_client import EchoFailure, PayloadSize, classify, exchange
-from loadtest.report import ServiceRow, Thresholds, judge
-from services.config import MODELS
+from loadtest.report import ServiceRow, Thresholds, judge_load
+from services.models import MODELS
 from support import ROOT, FaultyEcho, running, wait_until
 
 
@@ -161,11 +161,11 @@ def test_judge_fails_on_any_mismatch_and_on_the_ratio() -> None:
     def row(echoes: int, failed: int, **failures: int) -> ServiceRow:
         return ServiceRow("queue", echoes, failed, 1, 0, 1.0, 1.0, 1, 1, 1, failures)
 
-    assert judge([row(1000, 0)], Thresholds(0.01)).ok
-    assert not judge([row(1000, 1, mismatch=1)], Thresholds(0.5)).ok
-    assert judge([row(1000, 5, timeout=5)], Thresholds(0.01)).ok
-    assert not judge([row(1000, 50, timeout=50)], Thresholds(0.01)).ok
-    assert not judge([row(0, 0)], Thresholds(0.01)).ok
+    assert judge_load([row(1000, 0)], Thresholds(0.01)).ok
+    assert not judge_load([row(1000, 1, mismatch=1)], Thresholds(0.5)).ok
+    assert judge_load([row(1000, 5, timeout=5)], Thresholds(0.01)).ok
+    assert not judge_load([row(1000, 50, timeout=50)], Thresholds(0.01)).ok
+    assert not judge_load([row(0, 0)], Thresholds(0.01)).ok
 
 
 def test_make_load_against_up_local_lists_all_three_services(tmp_path: Path) -> None:
@@ -175,7 +175,7 @@ def test_make_load_against_up_local_lists_all_three_services(tmp_path: Path) -> 
     )
     try:
         wait_until(
-            lambda: "Ctrl-C stops all three" in (tmp_path / "cluster.log").read_text(),
+            lambda: "Ctrl-C stops all" in (tmp_path / "cluster.log").read_text(),
             what="up-local to start",
         )
         result = subprocess.run(

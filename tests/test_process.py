@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services.config import MODELS
+from services.launcher import services_command
+from services.models import MODELS
 from support import (
     ROOT,
     ServerProcess,
@@ -39,7 +40,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", list(MODELS))
 def test_sigterm_exits_0_within_5_s_with_clients_connected(model: str, tmp_path: Path) -> None:
     with server_process(tmp_path, "--model", model) as server:
         with open_connections(server.address, 20), connect(server.address) as active:
@@ -173,14 +174,16 @@ def test_help_names_every_environment_variable() -> None:
 def test_environment_configures_the_server(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     env_server = ServerProcess(
-        log,
-        code=(
-            "import os, sys\n"
-            "os.environ.update(ECHO_MODEL='queue', ECHO_PORT='0', ECHO_METRICS_PORT='0',"
-            " ECHO_WORKERS='3', ECHO_QUEUE_SIZE='5', ECHO_IDLE_TIMEOUT='7')\n"
-            "from services.app import main\n"
-            "sys.exit(main([]))\n"
+        services_command(
+            code=(
+                "import os, sys\n"
+                "os.environ.update(ECHO_MODEL='queue', ECHO_PORT='0', ECHO_METRICS_PORT='0',"
+                " ECHO_WORKERS='3', ECHO_QUEUE_SIZE='5', ECHO_IDLE_TIMEOUT='7')\n"
+                "from services.app import main\n"
+                "sys.exit(main(sys.argv[1:]))\n"  # the launcher's --ready-file
+            )
         ),
+        log_path=log,
     )
     try:
         env_server.wait_ready()
@@ -209,7 +212,7 @@ def test_up_local_serves_every_model_on_its_documented_ports(tmp_path: Path) -> 
             cluster.kill()
             cluster.wait(30)
         log.close()
-    assert "Ctrl-C stops all three" in (tmp_path / "cluster.log").read_text()
+    assert "Ctrl-C stops all 3" in (tmp_path / "cluster.log").read_text()
 
 
 def _echoes(address: tuple[str, int]) -> bool:

@@ -1,14 +1,103 @@
-"""The threading models, by the name used on the command line."""
+"""The model registry: the one place that knows each threading model.
+
+A model is one module with a `Server` subclass plus one `ModelSpec` here. Config
+defaults, the local cluster, the load and flood tools, the bench and the tests
+read the list and every per-model fact from `MODELS`; nothing else spells out
+the models' names or ports.
+
+The server class is imported only when a server is built, so that reading the
+registry (config, the flood tool) never imports the threading code.
+"""
 
 from __future__ import annotations
 
-from services.base import Server
-from services.models.executor import ExecutorServer
-from services.models.queue_pool import QueueServer
-from services.models.threads import ThreadPerConnectionServer
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-MODELS: dict[str, type[Server]] = {
-    "executor": ExecutorServer,
-    "queue": QueueServer,
-    "threads": ThreadPerConnectionServer,
+if TYPE_CHECKING:
+    from services.base import Server
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    server: str  # "package.module:ClassName" of its `Server` subclass
+    summary: str  # one line, for --help and the docs
+    bounded: bool  # a fixed pool of workers; False means a thread per connection
+    port: int  # default echo port (compose, `make up-local`, load and flood tools)
+    metrics_port: int  # default /metrics port
+    # Default defences: only the bounded models defend their workers; the unbounded
+    # control group has none, so that what it lacks is measured, not masked.
+    idle_timeout: float | None
+    send_timeout: float | None
+
+    def server_class(self) -> type[Server]:
+        module_name, _, class_name = self.server.partition(":")
+        cls: type[Server] = getattr(importlib.import_module(module_name), class_name)
+        return cls
+
+
+_DEFENDED = 10.0  # seconds, idle and send timeout of the bounded models
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="executor",
+            server="services.models.executor:ExecutorServer",
+            summary="a bounded concurrent.futures.ThreadPoolExecutor",
+            bounded=True,
+            port=15001,
+            metrics_port=9101,
+            idle_timeout=_DEFENDED,
+            send_timeout=_DEFENDED,
+        ),
+        ModelSpec(
+            name="queue",
+            server="services.models.queue_pool:QueueServer",
+            summary="a hand-rolled pool: a bounded queue.Queue and N worker threads",
+            bounded=True,
+            port=15002,
+            metrics_port=9102,
+            idle_timeout=_DEFENDED,
+            send_timeout=_DEFENDED,
+        ),
+        ModelSpec(
+            name="threads",
+            server="services.models.threads:ThreadPerConnectionServer",
+            summary="a new thread per connection with a small stack; unbounded (the control)",
+            bounded=False,
+            port=15003,
+            metrics_port=9103,
+            idle_timeout=None,
+            send_timeout=None,
+        ),
+    )
 }
+
+
+def model_names() -> tuple[str, ...]:
+    return tuple(MODELS)
+
+
+def spec_of(name: str) -> ModelSpec:
+    """The spec of a registered model; KeyError names the choices."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not one of {', '.join(MODELS)}") from None
+
+
+@contextmanager
+def registered(spec: ModelSpec) -> Iterator[ModelSpec]:
+    """Add a model for the length of a `with` block (plug-in models, tests)."""
+    if spec.name in MODELS:
+        raise ValueError(f"model {spec.name!r} is registered already")
+    MODELS[spec.name] = spec
+    try:
+        yield spec
+    finally:
+        del MODELS[spec.name]

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from services.base import PoolServer
+from services.config import Config
 
 _START_TIMEOUT = 60.0  # seconds for every worker to start; generous, this machine freezes
 
@@ -48,14 +49,15 @@ class _PromptExecutor(ThreadPoolExecutor):
 
 
 class ExecutorServer(PoolServer):
-    model = "executor"
-
-    def start_workers(self) -> None:
-        self._pool = _PromptExecutor(
-            max_workers=self.config.workers,
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._pool = _PromptExecutor(  # starts no thread until start_workers()
+            max_workers=config.workers,
             thread_name_prefix="echo-executor",
             initializer=self.stats.worker_threads.incr,
         )
+
+    def start_workers(self) -> None:
         # The executor starts a thread for a job only when no thread is idle: jobs that
         # wait for each other are each given a new one, until all `workers` run.
         everyone = threading.Barrier(self.config.workers + 1)
@@ -71,10 +73,10 @@ class ExecutorServer(PoolServer):
     def dispatch(self, conn: socket.socket) -> None:
         # Every worker runs already: this queues the connection for the next idle one
         # and never starts a thread (RuntimeError only once the pool is shut down).
-        self._pool.submit(self.serve, conn)
+        self._pool.submit(self.handle_connection, conn)
 
     def stop_workers(self, deadline: float) -> bool:
-        # Queued jobs still run, but `serve()` closes them at once while stopping.
+        # Queued jobs still run, but `handle_connection()` closes them at once while stopping.
         self._pool.shutdown(wait=False)
         while self.stats.active_connections() and time.monotonic() < deadline:
             self.wait_stopped(0.05)

@@ -15,41 +15,41 @@ import threading
 import time
 
 from services.base import PoolServer
+from services.config import Config
 
 
 class QueueServer(PoolServer):
-    model = "queue"
-
-    def start_workers(self) -> None:
-        self._queue: queue.Queue[socket.socket | None] = queue.Queue(maxsize=self.capacity)
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        # Bounded as a backstop: admission already caps it at `capacity`, and the room
+        # beyond that is for the stop signals, one per worker.
+        self._queue: queue.Queue[socket.socket | None] = queue.Queue(
+            maxsize=self.capacity + config.workers
+        )
         self._workers = [
             threading.Thread(target=self._work, name=f"echo-queue-{n}", daemon=True)
-            for n in range(self.config.workers)
+            for n in range(config.workers)
         ]
+
+    def start_workers(self) -> None:
         for worker in self._workers:
             worker.start()
             self.stats.worker_threads.incr()
 
     def dispatch(self, conn: socket.socket) -> None:
-        try:
-            self._queue.put_nowait(conn)
-        except queue.Full:
-            self.reject(conn, "queue_full")
+        self._queue.put_nowait(conn)
 
     def _work(self) -> None:
         while True:
             conn = self._queue.get()
             if conn is None:
                 return
-            self.serve(conn)
+            self.handle_connection(conn)
 
     def stop_workers(self, deadline: float) -> bool:
-        try:
-            for _ in self._workers:
-                # Behind any queued connection, which serve() closes while stopping.
-                self._queue.put(None, timeout=max(0.001, deadline - time.monotonic()))
-        except queue.Full:
-            return False  # workers are not draining the queue: hung
+        for _ in self._workers:
+            # Behind any queued connection, which handle_connection() closes while stopping.
+            self._queue.put_nowait(None)
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         return not any(worker.is_alive() for worker in self._workers)

@@ -21,17 +21,19 @@ import threading
 import time
 
 from services.base import RateLimitedLog, Server
+from services.config import Config
 
 log = logging.getLogger("echo.threads")
 
 
 class ThreadPerConnectionServer(Server):
-    model = "threads"
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._previous_stack_size = 0  # the stack size is process-wide: put it back on stop
+        self._refusals = RateLimitedLog(log)
 
     def start_workers(self) -> None:
-        # The stack size is process-wide; remember the old one to put it back.
         self._previous_stack_size = threading.stack_size(self.config.stack_size)
-        self._refusals = RateLimitedLog(log)
 
     def dispatch(self, conn: socket.socket) -> None:
         try:
@@ -44,7 +46,7 @@ class ThreadPerConnectionServer(Server):
     def _run(self, conn: socket.socket) -> None:
         self.stats.worker_threads.incr()
         try:
-            self.serve(conn)
+            self.handle_connection(conn)
         finally:
             self.stats.worker_threads.decr()
 
