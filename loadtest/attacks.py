@@ -4,6 +4,11 @@ One thread holds thousands of sockets cheaply, so the attacker does not need
 the very resource (threads) whose exhaustion it demonstrates. Every attack is
 bounded: at most `MAX_CONNECTIONS` sockets, at most `MAX_DURATION` seconds,
 and only against loopback addresses.
+
+Like real tools (slowloris, slowhttptest), an attack keeps its count: every
+connection the server closes, resets or refuses is replaced at once, within
+`rate` new connections a second overall, for the whole attack. `polite` turns
+that off (a connection the server drops stays dropped), for comparison.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-SCENARIOS = ("idle", "slowloris", "slow-reader", "churn")
+SCENARIOS = ("idle", "slowloris", "slow-reader", "churn", "metrics-slowloris")
+TRICKLED = ("slowloris", "metrics-slowloris")  # scenarios that send a byte now and then
+CONNECT_TIMEOUT = 5.0  # a handshake not done by then counts as refused
+_LATENCIES_KEPT = 20_000  # connect latencies kept for the percentiles (the latest)
+# metrics-slowloris: a request line that looks real, then one header whose value grows
+# a byte at a time, so the blank line that ends the headers never comes.
+_HTTP_START = b"GET /metrics HTTP/1.1\r\nHost: echo\r\nX-Slow: "
 MAX_CONNECTIONS = 20_000
 MAX_DURATION = 300.0
 _CHUNK = b"\xa5" * 65536
@@ -39,6 +50,7 @@ class AttackPlan:
     duration: float = 20.0
     trickle_interval: float = 2.0  # slowloris: seconds between bytes on one connection
     churn_in_flight: int = 64
+    polite: bool = False  # never replace a connection the server dropped
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -57,14 +69,22 @@ class AttackPlan:
         if self.rate <= 0 or self.trickle_interval <= 0 or self.churn_in_flight < 1:
             raise AttackRefused("rate, trickle interval and churn in-flight must be positive")
 
+    @property
+    def target_count(self) -> int:
+        """Connections the attack keeps open (churn: keeps connecting)."""
+        return self.churn_in_flight if self.scenario == "churn" else self.connections
+
 
 @dataclass
 class AttackCounts:
     opened: int = 0  # connections that completed the handshake
     open_now: int = 0
-    connect_failures: int = 0
+    connect_failures: int = 0  # refused, reset or timed out before the handshake was done
     closed_by_server: int = 0
+    replaced: int = 0  # attempts beyond the first `target_count`: each one replaces a loss
     bytes_sent: int = 0
+    connect_p50_ms: float = 0.0
+    connect_p99_ms: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -78,13 +98,24 @@ class Attack(threading.Thread):
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._selector = selectors.DefaultSelector()
-        self._pending: set[socket.socket] = set()  # connecting
+        self._pending: dict[socket.socket, float] = {}  # connecting, since (monotonic)
         self._open: set[socket.socket] = set()
         self._trickle: deque[tuple[float, socket.socket]] = deque()
+        self._attempts = 0
+        self._tokens = 1.0  # new connections allowed now: a bucket filled at `rate`
+        self._refilled = 0.0
+        self._latencies: deque[float] = deque(maxlen=_LATENCIES_KEPT)
 
     def counts(self) -> AttackCounts:
         with self._lock:
-            return AttackCounts(**{**self._counts.__dict__, "errors": dict(self._counts.errors)})
+            latencies = sorted(self._latencies)
+            counts = AttackCounts(**{**self._counts.__dict__, "errors": dict(self._counts.errors)})
+        if latencies:
+            counts.connect_p50_ms = 1000 * latencies[len(latencies) // 2]
+            counts.connect_p99_ms = (
+                1000 * latencies[min(len(latencies) - 1, len(latencies) * 99 // 100)]
+            )
+        return counts
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -92,33 +123,47 @@ class Attack(threading.Thread):
     def run(self) -> None:
         started = time.monotonic()
         deadline = started + self.plan.duration
+        self._refilled = started
         try:
             while not self._stop_event.is_set():
                 now = time.monotonic()
                 if now >= deadline:
                     break
-                self._open_more(now - started)
+                self._open_more(now)
                 self._service(timeout=0.02)
-                if self.plan.scenario == "slowloris":
+                self._expire_pending(time.monotonic())
+                if self.plan.scenario in TRICKLED:
                     self._trickle_bytes(time.monotonic())
         finally:
             self._close_all()
 
     # -- opening ------------------------------------------------------------------
 
-    def _open_more(self, elapsed: float) -> None:
+    def _open_more(self, now: float) -> None:
+        """Open up to the plan's count (churn: keep `churn_in_flight` connecting), never
+        faster than `rate` a second; a polite attack opens each of its count once."""
         plan = self.plan
-        with self._lock:
-            attempted = self._counts.opened + self._counts.connect_failures + len(self._pending)
-        due = int(elapsed * plan.rate) + 1
-        if plan.scenario == "churn":  # at `rate`, with a bounded number in flight
-            budget = min(plan.churn_in_flight - len(self._pending), due - attempted)
+        # Up to a quarter of a second's worth at once, so a burst of losses is replaced
+        # at `rate`, not all at once from credit saved while nothing was lost.
+        self._tokens = min(
+            self._tokens + (now - self._refilled) * plan.rate, max(1.0, plan.rate / 4)
+        )
+        self._refilled = now
+        if plan.scenario == "churn":
+            wanted = plan.churn_in_flight - len(self._pending)
+        elif plan.polite:
+            wanted = plan.connections - self._attempts
         else:
-            budget = min(min(plan.connections, due) - attempted, 256)
-        for _ in range(max(0, budget)):
-            self._connect()
+            wanted = plan.connections - len(self._open) - len(self._pending)
+        for _ in range(max(0, min(wanted, int(self._tokens), 256))):
+            self._tokens -= 1
+            self._connect(now)
 
-    def _connect(self) -> None:
+    def _connect(self, now: float) -> None:
+        self._attempts += 1
+        if self._attempts > self.plan.target_count:
+            with self._lock:
+                self._counts.replaced += 1
         sock = socket.socket(socket.AF_INET6 if ":" in self.plan.address[0] else socket.AF_INET)
         sock.setblocking(False)
         if self.plan.scenario == "slow-reader":
@@ -129,7 +174,7 @@ class Attack(threading.Thread):
         if code not in (0, errno.EINPROGRESS):
             self._failed_connect(sock, code)
             return
-        self._pending.add(sock)
+        self._pending[sock] = now
         self._selector.register(sock, selectors.EVENT_WRITE)
 
     def _failed_connect(self, sock: socket.socket, code: int) -> None:
@@ -139,8 +184,15 @@ class Attack(threading.Thread):
             name = errno.errorcode.get(code, str(code))
             self._counts.errors[name] = self._counts.errors.get(name, 0) + 1
 
+    def _expire_pending(self, now: float) -> None:
+        for sock, since in list(self._pending.items()):
+            if now - since > CONNECT_TIMEOUT:
+                del self._pending[sock]
+                self._selector.unregister(sock)
+                self._failed_connect(sock, errno.ETIMEDOUT)
+
     def _connected(self, sock: socket.socket) -> None:
-        self._pending.discard(sock)
+        since = self._pending.pop(sock)
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._selector.unregister(sock)
@@ -148,6 +200,7 @@ class Attack(threading.Thread):
             return
         with self._lock:
             self._counts.opened += 1
+            self._latencies.append(time.monotonic() - since)
         if self.plan.scenario == "churn":
             self._selector.unregister(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -160,7 +213,9 @@ class Attack(threading.Thread):
         if self.plan.scenario == "slow-reader":
             events = selectors.EVENT_WRITE  # write forever, never read
         self._selector.modify(sock, events)
-        if self.plan.scenario == "slowloris":
+        if self.plan.scenario == "metrics-slowloris":
+            self._send(sock, _HTTP_START)
+        if self.plan.scenario in TRICKLED:
             self._trickle.append((time.monotonic() + self.plan.trickle_interval, sock))
 
     # -- serving the sockets ------------------------------------------------------------
@@ -173,7 +228,7 @@ class Attack(threading.Thread):
             if sock in self._pending:
                 self._connected(sock)
             elif events & selectors.EVENT_WRITE:
-                self._write(sock)
+                self._send(sock, _CHUNK)
             else:
                 self._read(sock)
 
@@ -187,33 +242,29 @@ class Attack(threading.Thread):
         if not data:
             self._lost(sock)
 
-    def _write(self, sock: socket.socket) -> None:
+    def _send(self, sock: socket.socket, data: bytes) -> bool:
+        """Send what the kernel takes now; False (and the socket dropped) if it is gone."""
         try:
-            sent = sock.send(_CHUNK)
+            sent = sock.send(data)
         except BlockingIOError:
-            return
+            return True
         except OSError:
             self._lost(sock)
-            return
+            return False
         with self._lock:
             self._counts.bytes_sent += sent
+        return True
 
     def _trickle_bytes(self, now: float) -> None:
         while self._trickle and self._trickle[0][0] <= now:
             _, sock = self._trickle.popleft()
             if sock not in self._open:
                 continue
-            try:
-                sent = sock.send(b"x")
-            except OSError:
-                self._lost(sock)
-                continue
-            with self._lock:
-                self._counts.bytes_sent += sent
-            self._trickle.append((now + self.plan.trickle_interval, sock))
+            if self._send(sock, b"a"):
+                self._trickle.append((now + self.plan.trickle_interval, sock))
 
     def _lost(self, sock: socket.socket) -> None:
-        """The server closed or reset this connection; it is not reopened."""
+        """The server closed or reset this connection; `_open_more` replaces it."""
         self._open.discard(sock)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)

@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from loadtest.flood import FloodRun
+    from loadtest.breaking import BreakingPoint
+    from loadtest.floodrun import FloodRun
 
 from services.models import MODELS
 
@@ -76,3 +77,38 @@ def write_charts(runs: Sequence[FloodRun], directory: Path) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
+
+
+def write_limit_chart(points: Sequence[BreakingPoint], directory: Path) -> Path:
+    """Bars: the largest attack each server held, per scenario (log scale; 0 = none)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    scenarios = list(dict.fromkeys(point.scenario for point in points))
+    targets = list(dict.fromkeys(point.target for point in points))
+    width = 0.8 / max(1, len(targets))
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    for index, target in enumerate(targets):
+        held = {p.scenario: p.held or 0 for p in points if p.target == target}
+        xs = [n + index * width for n in range(len(scenarios))]
+        heights = [max(held.get(scenario, 0), 0.9) for scenario in scenarios]
+        bars = axis.bar(xs, heights, width, color=color_of(target), label=target)
+        for bar, scenario in zip(bars, scenarios, strict=True):
+            value = held.get(scenario, 0)
+            axis.annotate(
+                f"{value}" if value else "none",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    axis.set_xticks([n + width * (len(targets) - 1) / 2 for n in range(len(scenarios))])
+    axis.set_xticklabels(scenarios)
+    axis.set_yscale("log")
+    axis.set_ylabel("largest attack held\n(connections; churn: per second)")
+    axis.legend()
+    axis.grid(alpha=0.3, axis="y")
+    figure.suptitle("Breaking points: the largest attack each server held")
+    figure.tight_layout()
+    path = directory / "flood-limits.png"
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path

@@ -11,12 +11,14 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.echo_client import EchoFailure, classify, exchange
 from loadtest.lazy import LazyConnection
+from services.metrics import scrape
 
 
 @dataclass(frozen=True)
@@ -27,12 +29,32 @@ class ProbeResult:
     failure: str = ""
 
 
+def echo_check(address: tuple[str, int], timeout: float = 2.0) -> Callable[[int], None]:
+    """A legitimate client: a fresh connection and one echo round trip."""
+    connection = LazyConnection(address, timeout)
+
+    def check(sequence: int) -> None:
+        with connection as sock:
+            exchange(sock, b"probe %08d" % sequence)
+
+    return check
+
+
+def scrape_check(metrics: tuple[str, int], timeout: float = 2.0) -> Callable[[int], None]:
+    """Prometheus: a scrape of /metrics that must answer in full within `timeout`."""
+
+    def check(_sequence: int) -> None:
+        scrape(metrics, timeout)
+
+    return check
+
+
 class Probe(threading.Thread):
-    def __init__(
-        self, address: tuple[str, int], origin: float, interval: float = 0.2, timeout: float = 2.0
-    ) -> None:
+    """Runs `check` every `interval` seconds and records whether it raised."""
+
+    def __init__(self, check: Callable[[int], None], origin: float, interval: float = 0.2) -> None:
         super().__init__(name="probe", daemon=True)
-        self._connection = LazyConnection(address, timeout)
+        self._check = check
         self._origin = origin
         self._interval = interval
         self._stop_event = threading.Event()
@@ -53,10 +75,11 @@ class Probe(threading.Thread):
             started = time.monotonic()
             failure = ""
             try:
-                with self._connection as sock:
-                    exchange(sock, b"probe %08d" % sequence)
+                self._check(sequence)
             except (OSError, EchoFailure) as error:
                 failure = classify(error).kind
+            except ValueError:  # a scrape that came back cut short or garbled
+                failure = "bad_response"
             result = ProbeResult(
                 at=started - self._origin,
                 ok=not failure,

@@ -1,20 +1,27 @@
 """Judge one flood run from what the probe and the sampler recorded.
 
-- `held`: the process stayed up, threads and memory stayed bounded, and the
-  probe succeeded at least 99% of the time once the server's own defences had
-  had time to act (its idle/send timeout plus a margin).
-- `degraded`: up, but unbounded or refusing legitimate clients.
-- `down`: it died, restarted, or stopped answering altogether.
+The probe is judged *under attack*: from a short, fixed settle time after the
+attack starts until it ends. The window never waits for the server's own
+timeouts, so a server whose defence takes 60 s to act is judged on those 60 s.
+
+- `held`: the process stayed up, threads and memory stayed bounded, the probe
+  succeeded at least 99% of the time in the window, and it succeeded again
+  within `recovery_deadline` seconds of the attack's end.
+- `degraded`: up, but unbounded, refusing legitimate clients, or slow to recover.
+- `down`: it died or restarted, its metrics stopped answering for more than
+  `max_metrics_silence` seconds, or the probe was still failing at the end.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from dataclasses import dataclass
 
 from loadtest.observe import ProbeResult, Sample
 
 VERDICTS = ("held", "degraded", "down")
+DEFAULT_SETTLE = 5.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,23 @@ class Limits:
     max_rss_growth_bytes: float = 30 * 1024 * 1024
     thread_margin: int = 16  # beyond the pool: main, metrics, watchdog, ...
     unbounded_thread_margin: int = 64  # what "bounded" allows a server with no pool
+    recovery_deadline: float = 5.0  # seconds after the attack for the probe to succeed again
+    max_metrics_silence: float = 10.0  # seconds without a scrape before the server is "down"
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Seconds since the run began."""
+
+    attack_start: float
+    attack_end: float
+    run_end: float
+    settle: float = DEFAULT_SETTLE
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """When the probe is judged: under attack, once the attack has settled in."""
+        return (self.attack_start + self.settle, self.attack_end)
 
 
 @dataclass(frozen=True)
@@ -38,22 +62,13 @@ class Summary:
     probe_p99_ms: float
     probes_judged: int
     window: tuple[float, float]
+    recovered_after: float | None  # seconds from the attack's end to a good probe
     restarted: bool
     scrape_failures: int
+    longest_metrics_silence: float
     rejected: dict[str, float]
     closed: dict[str, float]
     thread_start_failures: float
-
-
-def settle_seconds(info: dict[str, str], margin: float) -> float:
-    """How long the server's own defences need before the probe is judged."""
-    timeouts = []
-    for key in ("idle_timeout_seconds", "send_timeout_seconds"):
-        try:
-            timeouts.append(float(info.get(key, "off")))
-        except ValueError:  # "off"
-            continue
-    return max(timeouts, default=0.0) + margin
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -64,86 +79,127 @@ def percentile(values: list[float], fraction: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(fraction * 1000) - 1]
 
 
-def judge_flood(
-    samples: list[Sample],
-    probes: list[ProbeResult],
-    *,
-    attack_start: float,
-    attack_end: float,
-    run_end: float,
-    settle: float,
-    limits: Limits,
-) -> Summary:
+@dataclass(frozen=True)
+class _Resources:
+    baseline_threads: float
+    peak_threads: float
+    baseline_rss: float
+    peak_rss: float
+
+
+def resources(samples: list[Sample], attack_start: float) -> _Resources:
+    """Threads and RSS before the attack (the lowest seen) and at their peak."""
     good = [s for s in samples if s.ok]
     before = [s for s in good if s.at < attack_start] or good[:1]
-    baseline_threads = min((s.values.get("threads", 0.0) for s in before), default=0.0)
-    baseline_rss = min((s.values.get("rss_bytes", 0.0) for s in before), default=0.0)
-    peak_threads = max((s.values.get("threads", 0.0) for s in good), default=0.0)
-    peak_rss = max((s.values.get("rss_bytes", 0.0) for s in good), default=0.0)
-    starts = {s.values["start_time"] for s in good if "start_time" in s.values}
-    restarted = len(starts) > 1
-    info = good[0].info if good else {}
+    return _Resources(
+        baseline_threads=min((s.values.get("threads", 0.0) for s in before), default=0.0),
+        peak_threads=max((s.values.get("threads", 0.0) for s in good), default=0.0),
+        baseline_rss=min((s.values.get("rss_bytes", 0.0) for s in before), default=0.0),
+        peak_rss=max((s.values.get("rss_bytes", 0.0) for s in good), default=0.0),
+    )
 
-    window = (attack_start + settle, run_end)
-    judged = [p for p in probes if window[0] <= p.at <= window[1]]
-    success = sum(p.ok for p in judged) / len(judged) if judged else 0.0
-    latencies = [p.seconds * 1000 for p in judged if p.ok]
 
+def longest_silence(samples: list[Sample], run_end: float) -> float:
+    """The longest stretch between two answered scrapes (or the run's end)."""
+    first = samples[0].at if samples else run_end
+    edges = [first, *(s.at for s in samples if s.ok), run_end]
+    return max(b - a for a, b in itertools.pairwise(edges))
+
+
+def recovery_time(probes: list[ProbeResult], attack_end: float) -> float | None:
+    """Seconds from the attack's end to the first good probe after it; None if none came."""
+    after = [p for p in probes if p.at >= attack_end and p.ok]
+    return after[0].at - attack_end if after else None
+
+
+def reasons_down(
+    samples: list[Sample], probes: list[ProbeResult], timeline: Timeline, limits: Limits
+) -> list[str]:
     reasons = []
-    tail = samples[-3:]
-    gone = bool(tail) and not any(s.ok for s in tail)
-    if restarted:
+    good = [s for s in samples if s.ok]
+    if len({s.values["start_time"] for s in good if "start_time" in s.values}) > 1:
         reasons.append("the process restarted during the run")
-    if gone or not good:
-        reasons.append("its metrics stopped answering")
-    if judged and not any(p.ok for p in judged[-5:]):
+    silence = longest_silence(samples, timeline.run_end)
+    if not good:
+        reasons.append("its metrics never answered")
+    elif silence > limits.max_metrics_silence:
+        reasons.append(
+            f"its metrics did not answer for {silence:.1f} s "
+            f"(allowed: {limits.max_metrics_silence:g} s)"
+        )
+    if probes and not any(p.ok for p in probes[-5:]):
         reasons.append("the probe was still failing at the end")
-    verdict = "down" if reasons else "held"
+    return reasons
 
+
+def reasons_degraded(
+    samples: list[Sample], probes: list[ProbeResult], timeline: Timeline, limits: Limits
+) -> list[str]:
+    reasons = []
+    used = resources(samples, timeline.attack_start)
+    info = next((s.info for s in samples if s.ok and s.info), {})
     workers = info.get("workers", "unbounded")
     allowance = (
         int(workers) + limits.thread_margin if workers.isdigit() else limits.unbounded_thread_margin
     )
-    if peak_threads > baseline_threads + allowance:
+    if used.peak_threads > used.baseline_threads + allowance:
         reasons.append(
-            f"threads grew from {baseline_threads:.0f} to {peak_threads:.0f} "
-            f"(bound: {baseline_threads:.0f} + {allowance})"
+            f"threads grew from {used.baseline_threads:.0f} to {used.peak_threads:.0f} "
+            f"(bound: {used.baseline_threads:.0f} + {allowance})"
         )
-    if peak_rss - baseline_rss > limits.max_rss_growth_bytes:
+    if used.peak_rss - used.baseline_rss > limits.max_rss_growth_bytes:
         reasons.append(
-            f"RSS grew by {(peak_rss - baseline_rss) / 2**20:.1f} MiB "
+            f"RSS grew by {(used.peak_rss - used.baseline_rss) / 2**20:.1f} MiB "
             f"(bound: {limits.max_rss_growth_bytes / 2**20:.0f} MiB)"
         )
-    under_attack = [p for p in judged if p.at <= attack_end]
-    if not under_attack:
-        # Judging only the recovery would call a server "held" that was pinned
-        # for the whole attack.
+    start, end = timeline.window
+    judged = [p for p in probes if start <= p.at <= end]
+    if not judged:
         reasons.append(
-            f"no probe was judged under attack: the attack ended before the defences' "
-            f"settle time ({settle:.0f} s) was over; attack for longer"
+            f"no probe was judged under attack: the attack ({end - timeline.attack_start:.0f} s)"
+            f" did not outlast the settle time ({timeline.settle:g} s)"
         )
-    elif success < limits.min_probe_success:
+    elif (success := sum(p.ok for p in judged) / len(judged)) < limits.min_probe_success:
         reasons.append(
-            f"the probe succeeded {success:.1%} after the defences had {settle:.0f} s to act "
-            f"(needs {limits.min_probe_success:.0%})"
+            f"the probe succeeded {success:.1%} under attack (needs {limits.min_probe_success:.0%})"
         )
-    if verdict == "held" and reasons:
-        verdict = "degraded"
+    recovered = recovery_time(probes, timeline.attack_end)
+    if recovered is None or recovered > limits.recovery_deadline:
+        took = "not at all" if recovered is None else f"after {recovered:.1f} s"
+        reasons.append(
+            f"the probe succeeded again {took} once the attack ended "
+            f"(needs {limits.recovery_deadline:g} s)"
+        )
+    return reasons
 
+
+def judge_flood(
+    samples: list[Sample], probes: list[ProbeResult], timeline: Timeline, limits: Limits
+) -> Summary:
+    down = reasons_down(samples, probes, timeline, limits)
+    degraded = reasons_degraded(samples, probes, timeline, limits)
+    verdict = "down" if down else "degraded" if degraded else "held"
+    start, end = timeline.window
+    judged = [p for p in probes if start <= p.at <= end]
+    latencies = [p.seconds * 1000 for p in judged if p.ok]
+    used = resources(samples, timeline.attack_start)
+    good = [s for s in samples if s.ok]
     return Summary(
         verdict=verdict,
-        reasons=reasons,
-        baseline_threads=baseline_threads,
-        peak_threads=peak_threads,
-        baseline_rss_mb=baseline_rss / 2**20,
-        peak_rss_mb=peak_rss / 2**20,
-        probe_success=success,
+        reasons=down + degraded,
+        baseline_threads=used.baseline_threads,
+        peak_threads=used.peak_threads,
+        baseline_rss_mb=used.baseline_rss / 2**20,
+        peak_rss_mb=used.peak_rss / 2**20,
+        probe_success=sum(p.ok for p in judged) / len(judged) if judged else 0.0,
         probe_p50_ms=percentile(latencies, 0.50),
         probe_p99_ms=percentile(latencies, 0.99),
         probes_judged=len(judged),
-        window=window,
-        restarted=restarted,
+        window=timeline.window,
+        recovered_after=recovery_time(probes, timeline.attack_end),
+        restarted=any("restarted" in reason for reason in down),
         scrape_failures=sum(not s.ok for s in samples),
+        longest_metrics_silence=longest_silence(samples, timeline.run_end),
         rejected=_growth(good, "rejected"),
         closed=_growth(good, "closed"),
         thread_start_failures=(

@@ -1,0 +1,192 @@
+"""One flood run: attack a target, probe it and sample its metrics meanwhile, then judge it.
+
+For each run: a baseline, the attack (which keeps its count, see
+`loadtest.attacks`), a recovery watch, and a verdict (`loadtest.verdict`).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from loadtest.attacks import Attack, AttackCounts, AttackPlan, AttackRefused
+from loadtest.observe import Probe, ProbeResult, Sample, Sampler, echo_check, scrape_check
+from loadtest.verdict import DEFAULT_SETTLE, Limits, Summary, Timeline, judge_flood
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    address: tuple[str, int]
+    metrics: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    connections: int = 1000
+    rate: float = 1000.0
+    duration: float = 20.0
+    baseline: float = 2.0
+    recovery: float = 6.0  # watched after the attack: the verdict's recovery deadline + 1 s
+    settle: float = DEFAULT_SETTLE
+    trickle_interval: float = 2.0
+    polite: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    def plan(self, scenario: str, target: Target) -> AttackPlan:
+        """The attack on `target`: its metrics port for metrics-slowloris, else its echo port."""
+        return AttackPlan(
+            scenario=scenario,
+            address=target.metrics if scenario == "metrics-slowloris" else target.address,
+            connections=self.connections,
+            rate=self.rate,
+            duration=self.duration,
+            trickle_interval=self.trickle_interval,
+            polite=self.polite,
+        )
+
+    def check(self) -> None:
+        if self.settle >= self.duration:
+            raise AttackRefused(
+                f"settle: {self.settle:g} s is not shorter than the attack ({self.duration:g} s),"
+                " so nothing would be judged under attack"
+            )
+        if self.recovery < self.limits.recovery_deadline:
+            raise AttackRefused(
+                f"recovery: watch at least {self.limits.recovery_deadline:g} s after the attack"
+            )
+
+
+@dataclass(frozen=True)
+class FloodRun:
+    target: str
+    scenario: str
+    settings: RunSettings
+    attack_start: float
+    attack_end: float
+    counts: AttackCounts
+    summary: Summary
+    samples: list[Sample]
+    probes: list[ProbeResult]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "scenario": self.scenario,
+            "settings": asdict(self.settings),
+            "attack_start": self.attack_start,
+            "attack_end": self.attack_end,
+            "attack": asdict(self.counts),
+            "summary": asdict(self.summary),
+            "samples": [asdict(s) for s in self.samples],
+            "probes": [asdict(p) for p in self.probes],
+        }
+
+
+def ensure_descriptors(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed + 256:
+        wanted = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed + 256, soft))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    if soft != resource.RLIM_INFINITY and soft < needed + 64:
+        raise AttackRefused(
+            f"connections: {needed} need more descriptors than this process may open ({soft})"
+        )
+
+
+def probe_for(scenario: str, target: Target, origin: float) -> Probe:
+    """What a legitimate user of the attacked port does: Prometheus scrapes /metrics
+    every 0.5 s with a 2 s timeout; an echo client makes a round trip every 0.2 s."""
+    if scenario == "metrics-slowloris":
+        return Probe(scrape_check(target.metrics, timeout=2.0), origin, interval=0.5)
+    return Probe(echo_check(target.address, timeout=2.0), origin, interval=0.2)
+
+
+def flood(
+    target: Target,
+    scenario: str,
+    settings: RunSettings,
+    progress: Callable[[str], None] | None = None,
+) -> FloodRun:
+    """Run one scenario against one target and judge it. Blocks for the whole run."""
+    settings.check()
+    plan = settings.plan(scenario, target)
+    ensure_descriptors(plan.target_count)
+    origin = time.monotonic()
+    sampler = Sampler(target.metrics, origin)
+    probe = probe_for(scenario, target, origin)
+    attack = Attack(plan)
+    sampler.start()
+    probe.start()
+    watch = _Watch(origin, target, scenario, attack, probe, sampler, progress)
+    try:
+        watch.wait(settings.baseline)
+        attack_start = time.monotonic() - origin
+        attack.start()
+        watch.wait(settings.duration + 30, until=lambda: not attack.is_alive())
+        attack.join()
+        attack_end = time.monotonic() - origin
+        watch.wait(settings.recovery)
+    finally:
+        attack.stop()
+        probe.stop()
+        sampler.stop()
+        for thread in (attack, probe, sampler):
+            if thread.is_alive():
+                thread.join(30)
+    timeline = Timeline(attack_start, attack_end, time.monotonic() - origin, settings.settle)
+    samples, probes = sampler.samples(), probe.results()
+    summary = judge_flood(samples, probes, timeline, settings.limits)
+    return FloodRun(
+        target.name,
+        scenario,
+        settings,
+        attack_start,
+        attack_end,
+        attack.counts(),
+        summary,
+        samples,
+        probes,
+    )
+
+
+@dataclass
+class _Watch:
+    """Waits through the phases of a run, reporting progress about once a second."""
+
+    origin: float
+    target: Target
+    scenario: str
+    attack: Attack
+    probe: Probe
+    sampler: Sampler
+    progress: Callable[[str], None] | None
+
+    def wait(self, seconds: float, until: Callable[[], bool] = lambda: False) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until():
+            if self.progress is not None:
+                self.progress(self.line())
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def line(self) -> str:
+        now = time.monotonic() - self.origin
+        counts = self.attack.counts()
+        recent = [p for p in self.probe.results() if p.at > now - 5]
+        probe_text = f"{sum(p.ok for p in recent) / len(recent):4.0%}" if recent else "  - "
+        sample = next((s for s in reversed(self.sampler.samples()) if s.ok), None)
+        if sample:
+            threads, rss = sample.values.get("threads", 0), sample.values.get("rss_bytes", 0)
+            server = f"threads {threads:5.0f}  rss {rss / 2**20:6.1f} MiB"
+        else:
+            server = "metrics unreachable"
+        return (
+            f"[{self.scenario} -> {self.target.name}] {now:5.1f}s  open {counts.open_now:5d}  "
+            f"replaced {counts.replaced:6d}  refused {counts.connect_failures:5d}  connect "
+            f"p50/p99 {counts.connect_p50_ms:.0f}/{counts.connect_p99_ms:.0f} ms  "
+            f"probe ok (5 s) {probe_text}  {server}"
+        )
