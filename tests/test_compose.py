@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 
 from loadtest.flood import RunSettings, Target, flood
+from services.models import MODELS
 from support import ROOT, echo_once, wait_until
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
 PROJECT = "echo-cluster"
-PORTS = {"executor": 15001, "queue": 15002, "threads": 15003}
+PORTS = {name: spec.port for name, spec in MODELS.items()}
 
 
 def run(*command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -184,13 +185,16 @@ def test_promtool_accepts_the_config_and_rules(stack: None) -> None:
 
 
 @pytest.mark.flood
-def test_idle_floods_bounded_containers_hold_threads_hits_its_limits(stack: None) -> None:
+def test_polite_idle_floods_bounded_containers_hold_threads_hits_its_limits(stack: None) -> None:
+    # The polite attacker (it never replaces what the server closes): the bounded pools'
+    # idle timeout clears it. Against a reconnecting one they do not hold (docs/floods.md).
     restarts = {service: int(inspect(service, "{{.RestartCount}}")) for service in PORTS}
     started = time.time()
     runs = {}
     for service, port in PORTS.items():
-        target = Target(service, ("127.0.0.1", port), ("127.0.0.1", 9101 + port - 15001))
-        runs[service] = flood(target, "idle", RunSettings(connections=1500, duration=20.0))
+        target = Target(service, ("127.0.0.1", port), ("127.0.0.1", MODELS[service].metrics_port))
+        settings = RunSettings(connections=1500, duration=20.0, polite=True)
+        runs[service] = flood(target, "idle", settings)
     ended = time.time()
     for service in ("executor", "queue"):
         summary = runs[service].summary

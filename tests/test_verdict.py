@@ -1,0 +1,158 @@
+"""The verdict rules, on synthetic timelines: each rule and every reason it states, in
+milliseconds. The live floods (test_flood.py) show that real runs feed it the same shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from loadtest.observe import ProbeResult, Sample
+from loadtest.verdict import Limits, Timeline, judge_flood
+
+ATTACK = Timeline(attack_start=2.0, attack_end=32.0, run_end=38.0)  # 30 s attack, settle 5 s
+MiB = 2**20
+
+
+def samples(
+    timeline: Timeline = ATTACK,
+    *,
+    threads: Callable[[float], float] = lambda t: 40,
+    rss_mb: Callable[[float], float] = lambda t: 20,
+    answers: Callable[[float], bool] = lambda t: True,
+    start_time: Callable[[float], float] = lambda t: 1000.0,
+    workers: str = "32",
+) -> list[Sample]:
+    """A scrape every 0.5 s over the run."""
+    out = []
+    for n in range(int(timeline.run_end / 0.5) + 1):
+        at = n * 0.5
+        if not answers(at):
+            out.append(Sample(at, {}, {}, {}, {}))
+            continue
+        values = {
+            "threads": threads(at),
+            "rss_bytes": rss_mb(at) * MiB,
+            "start_time": start_time(at),
+        }
+        out.append(Sample(at, values, {}, {}, {"workers": workers}))
+    return out
+
+
+def probes(ok: Callable[[float], bool], timeline: Timeline = ATTACK) -> list[ProbeResult]:
+    """A probe every 0.2 s over the run."""
+    return [
+        ProbeResult(
+            at=n * 0.2, ok=ok(n * 0.2), seconds=0.001, failure="" if ok(n * 0.2) else "timeout"
+        )
+        for n in range(int(timeline.run_end / 0.2) + 1)
+    ]
+
+
+def always(_at: float) -> bool:
+    return True
+
+
+def test_a_server_that_answers_under_attack_and_recovers_is_held() -> None:
+    # One probe in 200 fails under attack: 99.5%.
+    summary = judge_flood(samples(), probes(lambda t: round(t * 5) % 200 != 100), ATTACK, Limits())
+    assert summary.verdict == "held", summary.reasons
+    assert 0.99 <= summary.probe_success < 1.0
+    assert summary.reasons == []
+    assert summary.window == (7.0, 32.0)
+    assert summary.recovered_after is not None and summary.recovered_after < 0.5
+
+
+def test_a_server_whose_defence_acts_only_after_60_s_is_not_held() -> None:
+    timeline = Timeline(attack_start=2.0, attack_end=92.0, run_end=98.0)
+    summary = judge_flood(
+        samples(timeline), probes(lambda t: not 2 <= t < 62, timeline), timeline, Limits()
+    )
+    assert summary.verdict == "degraded"
+    assert summary.window == (7.0, 92.0)  # judged from 5 s in, not from the 60 s timeout
+    assert summary.probe_success < 0.5
+    assert any("under attack (needs 99%)" in reason for reason in summary.reasons)
+
+
+def test_refused_clients_under_attack_are_degraded_even_if_it_recovers() -> None:
+    summary = judge_flood(samples(), probes(lambda t: not 2 <= t < 32.5), ATTACK, Limits())
+    assert summary.verdict == "degraded"
+    assert summary.reasons == ["the probe succeeded 0.0% under attack (needs 99%)"]
+
+
+def test_metrics_silent_for_11_s_is_down() -> None:
+    summary = judge_flood(
+        samples(answers=lambda t: not 10 <= t < 21), probes(always), ATTACK, Limits()
+    )
+    assert summary.verdict == "down"
+    assert any("metrics did not answer for 11.5 s" in reason for reason in summary.reasons)
+
+
+def test_metrics_silent_for_9_s_is_not_down() -> None:
+    summary = judge_flood(
+        samples(answers=lambda t: not 10 <= t < 18.5), probes(always), ATTACK, Limits()
+    )
+    assert summary.verdict == "held", summary.reasons
+
+
+def test_metrics_that_never_answer_are_down() -> None:
+    summary = judge_flood(samples(answers=lambda t: False), probes(always), ATTACK, Limits())
+    assert summary.verdict == "down"
+    assert "its metrics never answered" in summary.reasons
+
+
+def test_a_restart_is_down() -> None:
+    summary = judge_flood(
+        samples(start_time=lambda t: 1000.0 if t < 20 else 1020.0), probes(always), ATTACK, Limits()
+    )
+    assert summary.verdict == "down" and summary.restarted
+    assert "the process restarted during the run" in summary.reasons
+
+
+def test_a_probe_still_failing_at_the_end_is_down() -> None:
+    summary = judge_flood(samples(), probes(lambda t: t < 2), ATTACK, Limits())
+    assert summary.verdict == "down"
+    assert "the probe was still failing at the end" in summary.reasons
+    assert summary.recovered_after is None
+
+
+def test_recovering_after_the_deadline_is_degraded() -> None:
+    summary = judge_flood(samples(), probes(lambda t: not 31.9 <= t < 37.5), ATTACK, Limits())
+    assert summary.verdict == "degraded"
+    assert any("succeeded again after 5.6 s" in r for r in summary.reasons), summary.reasons
+
+
+@pytest.mark.parametrize(
+    ("workers", "peak", "verdict"),
+    [
+        ("32", 40 + 32 + 16, "held"),
+        ("32", 40 + 32 + 17, "degraded"),
+        ("unbounded", 40 + 65, "degraded"),
+    ],
+)
+def test_threads_must_stay_within_the_pool(workers: str, peak: float, verdict: str) -> None:
+    summary = judge_flood(
+        samples(threads=lambda t: peak if 2 < t < 32 else 40, workers=workers),
+        probes(always),
+        ATTACK,
+        Limits(),
+    )
+    assert summary.verdict == verdict, summary.reasons
+    if verdict == "degraded":
+        assert summary.reasons[0].startswith("threads grew from 40 to")
+
+
+def test_rss_growth_beyond_the_limit_is_degraded() -> None:
+    summary = judge_flood(
+        samples(rss_mb=lambda t: 20 + (31 if 2 < t < 32 else 0)), probes(always), ATTACK, Limits()
+    )
+    assert summary.verdict == "degraded"
+    assert summary.reasons == ["RSS grew by 31.0 MiB (bound: 30 MiB)"]
+
+
+def test_an_attack_shorter_than_the_settle_time_judges_nothing() -> None:
+    timeline = Timeline(attack_start=2.0, attack_end=5.0, run_end=11.0)
+    summary = judge_flood(samples(timeline), probes(always, timeline), timeline, Limits())
+    assert summary.verdict == "degraded"
+    assert summary.probes_judged == 0
+    assert "did not outlast the settle time (5 s)" in summary.reasons[0]
