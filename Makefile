@@ -19,11 +19,14 @@ LOAD_ARGS ?=
 LOCUST := $(VENV)/bin/locust -f loadtest/locustfile.py
 
 # make flood: scenarios (comma-separated or all), connections held, seconds of attack
-# per run (it must outlast the servers' 10 s timeouts plus a 5 s margin), extra flags.
+# per run (judged from 5 s in to the end), extra flags (e.g. --polite).
 SCENARIOS ?= all
 CONNECTIONS ?= 2000
 ATTACK_SECONDS ?= 30
 FLOOD_ARGS ?=
+# make flood-limit: the attack sizes stepped through, and seconds of attack per step.
+LIMIT_STEPS ?= 250,500,1000,2000,4000,8000,16000
+LIMIT_SECONDS ?= 15
 QUICK ?=
 BENCH_ARGS ?=
 
@@ -47,7 +50,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast lint fmt up-local load load-ui flood bench images engine up down ps logs clean
+.PHONY: help venv test test-fast lint fmt up-local load load-ui flood flood-limit bench images engine up down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -90,6 +93,10 @@ load-ui: venv ## locust's web UI on http://127.0.0.1:8089 with the same users
 flood: venv ## Every flood scenario against each running server; table, JSON and charts in reports/
 	$(PY) -m loadtest.flood --scenarios $(SCENARIOS) --connections $(CONNECTIONS) \
 		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood.json --charts $(REPORTS) $(FLOOD_ARGS)
+
+flood-limit: venv ## Step each flood up per server until it is not held; table, JSON and chart in reports/
+	$(PY) -m loadtest.flood --find-limit --scenarios $(SCENARIOS) --limit-steps $(LIMIT_STEPS) \
+		--duration $(LIMIT_SECONDS) --json $(REPORTS)/flood-limits.json --charts $(REPORTS) $(FLOOD_ARGS)
 
 bench: venv ## Throughput, latency, memory and counters of each model vs asyncio and C (QUICK=1: short)
 	$(PY) -m bench $(if $(filter 1,$(QUICK)),--quick) --json $(REPORTS)/bench.json \

@@ -14,9 +14,12 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from functools import partial
 
 from services.config import Config
 from services.echo import close_reason_for, echo
+from services.ready import ReadyDispatch
 from services.stats import ServerStats
 
 log = logging.getLogger("echo.server")
@@ -66,11 +69,20 @@ class Server(ABC):
         self._accepting = threading.Event()
         self._listener: socket.socket | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         # Open connections and when each was accepted (monotonic seconds).
         self._open: dict[socket.socket, float] = {}
         self._open_lock = threading.Lock()
         self._warn = RateLimitedLog(log)
+        # The event loop's selector; a closed placeholder until the loop runs.
+        self._selector: selectors.BaseSelector = selectors.DefaultSelector()
+        self._selector.close()
+        self._backoff = 0.0  # seconds to stop accepting after descriptors ran out
+        self._paused_until = 0.0  # monotonic; 0 while listening
+        self._woken = False
+        # Where an admitted connection is counted first: waiting in the loop, or queued.
+        self._entry = self.stats.waiting if config.parks else self.stats.queued
 
     # -- what a model provides -------------------------------------------------
 
@@ -158,32 +170,95 @@ class Server(ABC):
             raise RuntimeError("bind() did not open a listener")
         try:
             self.start_workers()
-            self._accept_loop(listener)
+            self._event_loop(listener)
             return self._shutdown(listener)
         finally:
             self._wake_reader.close()
             self._wake_writer.close()
             self._stopped.set()
 
-    def _accept_loop(self, listener: socket.socket) -> None:
-        backoff = 0.0
+    # -- the event loop: accepts, and (ready dispatch) parks waiting connections --------
+
+    def _event_loop(self, listener: socket.socket) -> None:
+        """One thread owns the selector: the listener, the wake-up socket, and whatever a
+        model parks there. Each registration's data is the callback for its events."""
         with selectors.DefaultSelector() as selector:
-            selector.register(listener, selectors.EVENT_READ)
-            selector.register(self._wake_reader, selectors.EVENT_READ)
+            self._selector = selector
+            selector.register(listener, selectors.EVENT_READ, self._on_listener)
+            selector.register(self._wake_reader, selectors.EVENT_READ, self._on_wake)
+            self.on_loop_start(selector)
             self._accepting.set()
-            while not self._stopping.is_set():
-                self.stats.accept_loop_ticks.incr()
-                if backoff:
-                    self._stopping.wait(backoff)
-                if not selector.select(_TICK):
-                    continue
-                try:
-                    backoff = self._accept_batch(listener, backoff)
-                except MemoryError:
-                    # Anything can fail to allocate when memory runs out (the
-                    # threads model under an address-space limit does this).
-                    # The connection in hand, if any, is closed by the GC.
-                    backoff = self._accept_failed(errno.ENOMEM, backoff)
+            try:
+                while not self._stopping.is_set():
+                    self.stats.accept_loop_ticks.incr()
+                    now = time.monotonic()
+                    if self._paused_until and now >= self._paused_until:
+                        self._paused_until = 0.0
+                        selector.register(listener, selectors.EVENT_READ, self._on_listener)
+                    timeout = min(_TICK, self.next_deadline(now) - now)
+                    if self._paused_until:
+                        timeout = min(timeout, self._paused_until - now)
+                    for key, mask in selector.select(max(timeout, 0.0)):
+                        key.data(key.fileobj, mask)
+                    self.on_loop_tick(time.monotonic())
+            finally:
+                self.on_loop_end()
+
+    def _on_listener(self, listener: socket.socket, _mask: int) -> None:
+        try:
+            self._backoff = self._accept_batch(listener, self._backoff)
+        except MemoryError:
+            # Anything can fail to allocate when memory runs out (the threads model
+            # under an address-space limit does this). The connection in hand, if
+            # any, is closed by the GC.
+            self._backoff = self._accept_failed(errno.ENOMEM, self._backoff)
+        if self._backoff:  # stop listening for a while; the rest of the loop goes on
+            self._selector.unregister(listener)
+            self._paused_until = time.monotonic() + self._backoff
+
+    def _on_wake(self, wake: socket.socket, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while wake.recv(4096):
+                pass
+        # Only now, after draining: a wake-up asked for from here on sends a byte that
+        # is still there for the next select(). Reset before draining, a byte sent in
+        # between would be drained while the flag stayed set, and no later wake() would
+        # ever send again.
+        self._woken = False
+        self.on_wake()
+
+    @property
+    def loop_selector(self) -> selectors.BaseSelector:
+        return self._selector
+
+    def wake(self) -> None:
+        """Wake the event loop from another thread (at most one byte in flight)."""
+        if self._woken:
+            return
+        self._woken = True
+        with contextlib.suppress(OSError):  # full: it is awake already; closed: stopped
+            self._wake_writer.send(b"\0")
+
+    # Hooks for a model that parks connections in the loop (`ready` dispatch).
+
+    def on_loop_start(self, selector: selectors.BaseSelector) -> None:  # noqa: B027 (a hook; no-op by default)
+        """The loop's selector, before the first wait."""
+
+    def next_deadline(self, now: float) -> float:
+        """When the loop must next run `on_loop_tick` (monotonic), at the latest."""
+        return now + _TICK
+
+    def on_loop_tick(self, now: float) -> None:  # noqa: B027 (a hook; no-op by default)
+        """After every wait: timeouts and the like."""
+
+    def on_wake(self) -> None:  # noqa: B027 (a hook; no-op by default)
+        """`wake()` was called."""
+
+    def on_loop_end(self) -> None:  # noqa: B027 (a hook; no-op by default)
+        """The loop is stopping: close whatever waits in it."""
+
+    def make_room(self) -> None:  # noqa: B027 (a hook; no-op by default)
+        """At capacity, before a new connection is turned away: free a place if it can."""
 
     def _accept_batch(self, listener: socket.socket, backoff: float) -> float:
         """Accept what is waiting; return the back-off to apply before the next try."""
@@ -214,7 +289,10 @@ class Server(ABC):
         return 0.0
 
     def _admit(self, conn: socket.socket) -> None:
-        if not self.stats.try_admit(self.capacity):
+        capacity = self.capacity
+        if capacity is not None and self.stats.active_connections() >= capacity:
+            self.make_room()
+        if not self.stats.try_admit(capacity, parked=self.config.parks):
             conn.close()  # counted as rejected{queue_full}
             return
         try:
@@ -229,10 +307,11 @@ class Server(ABC):
             self.reject(conn, "dispatch_failed")
 
     def reject(self, conn: socket.socket, reason: str) -> None:
-        self.stats.on_reject(reason)
-        self._forget(conn)
+        self.stats.move(self._entry, self.stats.rejected[reason])
+        self.forget(conn)
 
-    def _forget(self, conn: socket.socket) -> None:
+    def forget(self, conn: socket.socket) -> None:
+        """Close a connection and drop it from the open set."""
         with self._open_lock:
             self._open.pop(conn, None)
         conn.close()
@@ -251,7 +330,7 @@ class Server(ABC):
                 idle_timeout=self.config.idle_timeout,
                 send_timeout=self.config.send_timeout,
                 on_traffic=self.stats.on_traffic,
-                waited=time.monotonic() - self._accepted_at(conn),
+                waited=time.monotonic() - self.accepted_at(conn),
             )
         except OSError as error:
             reason = close_reason_for(error)
@@ -260,12 +339,12 @@ class Server(ABC):
             log.exception("unexpected error while serving a connection")
         finally:
             # Close first: if memory has run out, counting may fail, closing rarely does.
-            self._forget(conn)
+            self.forget(conn)
             if self._stopping.is_set() and reason in ("eof", "reset", "error"):
                 reason = "shutdown"
             self.stats.on_close(reason)
 
-    def _accepted_at(self, conn: socket.socket) -> float:
+    def accepted_at(self, conn: socket.socket) -> float:
         with self._open_lock:
             return self._open.get(conn, time.monotonic())
 
@@ -288,13 +367,54 @@ class Server(ABC):
 
 
 class PoolServer(Server):
-    """A model with a fixed pool: `workers` serve, `queue_size` more may wait, the rest are
-    turned away at once."""
+    """A model with a fixed pool of `workers`. With `connection` dispatch a connection
+    owns a worker for its life, `queue_size` more may wait, and the rest are turned away
+    at once; with `ready` dispatch connections wait in the event loop (`ReadyDispatch`)
+    and a worker serves one only while it has bytes to echo."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.ready = ReadyDispatch(self) if config.parks else None
+
+    @abstractmethod
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run `job` on a worker of the pool, in turn. Must not block."""
+
+    def dispatch(self, conn: socket.socket) -> None:
+        if self.ready is not None:
+            self.ready.admit(conn)
+        else:
+            self.submit(partial(self.handle_connection, conn))
 
     @property
     def queue_capacity(self) -> int:
-        return self.config.queue_size
+        return self.config.queue_size if self.ready is None else self.config.max_connections
 
     @property
-    def capacity(self) -> int:
-        return self.config.workers + self.config.queue_size
+    def capacity(self) -> int | None:
+        return self.config.capacity
+
+    def on_loop_start(self, selector: selectors.BaseSelector) -> None:
+        if self.ready is not None:
+            self.ready.on_loop_start(selector)
+
+    def next_deadline(self, now: float) -> float:
+        if self.ready is None:
+            return super().next_deadline(now)
+        return min(super().next_deadline(now), self.ready.next_deadline(now))
+
+    def on_loop_tick(self, now: float) -> None:
+        if self.ready is not None:
+            self.ready.expire(now)
+
+    def on_wake(self) -> None:
+        if self.ready is not None:
+            self.ready.take_back()
+
+    def on_loop_end(self) -> None:
+        if self.ready is not None:
+            self.ready.close_all("shutdown")
+
+    def make_room(self) -> None:
+        if self.ready is not None:
+            self.ready.evict_quietest()

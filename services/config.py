@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import math
 import os
+import resource
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
@@ -44,6 +45,11 @@ class Config:
     watchdog_timeout: float | None = 60.0
     log_level: str = "INFO"
     ready_file: str | None = None  # written once both ports listen (see services.launcher)
+    dispatch: str = ""  # "" is the model's default (its first dispatch mode)
+    max_connections: int = FROM_MODEL  # ready dispatch: admitted at once; see default_cap()
+    output_budget: int = 16 * 2**20  # ready dispatch: bytes of echoes clients have not taken
+    turn_messages: int = 16  # ready dispatch: messages a worker echoes before it yields
+    linger: float = 0.0  # ready dispatch: seconds a worker waits for a next message if idle
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "--model", f"must be one of {', '.join(MODELS)}")
@@ -56,6 +62,23 @@ class Config:
         ):
             if getattr(self, name) in (FROM_MODEL, FROM_MODEL_SECONDS):
                 object.__setattr__(self, name, default)  # frozen: only here, at creation
+        if not self.dispatch:
+            object.__setattr__(self, "dispatch", spec.dispatch_modes[0])
+        if self.max_connections == FROM_MODEL:
+            object.__setattr__(self, "max_connections", default_cap())
+        _check(
+            self.dispatch in spec.dispatch_modes,
+            "--dispatch",
+            f"{self.model} supports {' or '.join(spec.dispatch_modes)}",
+        )
+        _check(
+            1 <= self.max_connections <= 1_000_000,
+            "--max-connections",
+            "must be between 1 and 1000000",
+        )
+        _check(self.output_budget >= 65536, "--output-budget", "must be at least 65536 bytes")
+        _check(1 <= self.turn_messages <= 10_000, "--turn-messages", "must be 1 to 10000")
+        _check(0 <= self.linger <= 1.0, "--linger", "must be 0 to 1 s")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -82,9 +105,10 @@ class Config:
             "--stack-size",
             f"must be 0 (system default) or a multiple of {PAGE_SIZE} of at least {MIN_STACK_SIZE}",
         )
-        if self.watchdog_timeout is not None:
-            # Defended workers legitimately stall for up to a timeout; the
-            # watchdog must not mistake that for a hang.
+        if self.watchdog_timeout is not None and self.dispatch == "connection":
+            # A worker that owns a connection legitimately stalls for up to a timeout;
+            # the watchdog must not mistake that for a hang. (With ready dispatch no
+            # worker ever waits on a client.)
             for flag, seconds in (
                 ("--idle-timeout", self.idle_timeout),
                 ("--send-timeout", self.send_timeout),
@@ -107,6 +131,27 @@ class Config:
     @property
     def bounded(self) -> bool:
         return self.spec.bounded
+
+    @property
+    def parks(self) -> bool:
+        """Connections wait in the event loop, not on a worker (`ready` dispatch)."""
+        return self.dispatch == "ready"
+
+    @property
+    def capacity(self) -> int | None:
+        """Connections admitted at once, or None for no limit (thread per connection)."""
+        if not self.bounded:
+            return None
+        return self.max_connections if self.parks else self.workers + self.queue_size
+
+
+def default_cap() -> int:
+    """10,000 connections, or fewer where the descriptor limit is lower (100 are kept for
+    the listener, metrics, logs and the process's own files)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(1, min(10_000, soft - 100))
 
 
 def _check(ok: bool, flag: str, problem: str) -> None:
@@ -180,6 +225,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR [ECHO_LOG_LEVEL, default INFO]")
     add(
+        "--dispatch",
+        help="how a connection reaches a worker: ready (it waits in the event loop, and a "
+        "worker echoes only what has arrived) or connection (it owns a worker for its whole "
+        "life, the recipe's way) [ECHO_DISPATCH, default by model: "
+        + _by_model(lambda spec: spec.dispatch_modes[0])
+        + "; threads is always connection]",
+    )
+    add(
+        "--max-connections",
+        help="ready dispatch: connections admitted at once; at the cap the quietest waiting "
+        "one is evicted for a newcomer [ECHO_MAX_CONNECTIONS, default 10000 or less by the "
+        "descriptor limit]",
+    )
+    add(
+        "--output-budget",
+        help="ready dispatch: bytes of echoes that clients have not taken, over all "
+        "connections; over it the longest-stalled reader is closed [ECHO_OUTPUT_BUDGET, "
+        "default 16777216]",
+    )
+    add(
+        "--turn-messages",
+        help="ready dispatch: messages a worker echoes on one connection before it serves "
+        "the others [ECHO_TURN_MESSAGES, default 16]",
+    )
+    add(
+        "--linger",
+        help="ready dispatch: seconds a worker with nothing else to do waits on its connection "
+        "for the next message before parking it; 0 parks at once [ECHO_LINGER, default 0]",
+    )
+    add(
         "--ready-file",
         help="once both ports listen, write them to this file as JSON, for whatever started "
         "the server (services.launcher) [ECHO_READY_FILE]",
@@ -248,6 +323,11 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             watchdog_timeout=_off_if_zero(get("watchdog_timeout", seconds, 60.0)),
             log_level=get("log_level", str, Config.log_level).upper(),
             ready_file=get("ready_file", str, None),
+            dispatch=get("dispatch", str, spec.dispatch_modes[0]),
+            max_connections=get("max_connections", integer, default_cap()),
+            output_budget=get("output_budget", integer, Config.output_budget),
+            turn_messages=get("turn_messages", integer, Config.turn_messages),
+            linger=get("linger", seconds, Config.linger),
         )
     except ConfigError as error:
         raise ConfigError(_name_source(str(error), raw)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
@@ -127,3 +128,70 @@ def close_reason_for(error: OSError) -> str:
     if isinstance(error, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
         return "reset"
     return "error"
+
+
+class Turn:
+    """What one worker turn on a parked connection did (`ready` dispatch)."""
+
+    __slots__ = ("messages", "received", "sent")
+
+    def __init__(self) -> None:
+        self.received = self.sent = self.messages = 0
+
+
+def echo_turn(
+    conn: socket.socket,
+    buffer: memoryview,
+    unsent: bytes,
+    *,
+    max_messages: int,
+    linger: float,
+    turn: Turn,
+) -> tuple[str, bytes]:
+    """Echo what the client has sent, on a non-blocking socket, without waiting for more.
+
+    First hands the kernel what an earlier turn could not (`unsent`), then reads and
+    echoes until nothing more has arrived, the client closes, or `max_messages` were
+    echoed (so that one busy client cannot keep a worker from the others). With
+    `linger`, waits that long for a next message before giving up the connection:
+    for a ping-pong client, that saves parking it and waking a worker again.
+
+    Returns what the connection waits for next and the echo the client has not taken
+    yet: ("read", b""), ("write", rest), or a close reason ("eof") with b"". Every
+    byte read is echoed or returned as unsent before this returns. Socket errors
+    propagate.
+    """
+    if unsent:
+        sent = _send_some(conn, unsent)
+        turn.sent += sent
+        if sent < len(unsent):
+            return "write", unsent[sent:]
+    while turn.messages < max_messages:
+        try:
+            received = conn.recv_into(buffer)
+        except BlockingIOError:
+            if linger and _readable_within(conn, linger):
+                continue
+            return "read", b""
+        if received == 0:
+            return "eof", b""
+        turn.received += received
+        turn.messages += 1
+        sent = _send_some(conn, buffer[:received])
+        turn.sent += sent
+        if sent < received:
+            return "write", bytes(buffer[sent:received])
+    return "read", b""
+
+
+def _send_some(conn: socket.socket, data: bytes | memoryview) -> int:
+    try:
+        return conn.send(data)
+    except BlockingIOError:
+        return 0
+
+
+def _readable_within(conn: socket.socket, seconds: float) -> bool:
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))

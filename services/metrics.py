@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -50,6 +51,7 @@ class EchoCollector(Collector):
             "The threading model and its settings.",
             value={
                 "model": config.model,
+                "dispatch": config.dispatch,
                 "workers": str(config.workers) if config.bounded else "unbounded",
                 "queue_size": str(config.queue_size) if config.bounded else "none",
                 "idle_timeout_seconds": _seconds_label(config.idle_timeout),
@@ -82,6 +84,32 @@ class EchoCollector(Collector):
         yield _gauge("workers_busy", "Connections being served right now.", stats.busy)
         yield _gauge("queue_depth", "Connections waiting for a worker.", stats.queued)
         yield _gauge("queue_capacity", "Connections that may wait.", server.queue_capacity)
+        states = GaugeMetricFamily(
+            "echo_connections",
+            "Open connections by state: waiting (for bytes, in the event loop), queued "
+            "(for a worker), busy (in a worker), writing (for the client to read its echo).",
+            labels=["state"],
+        )
+        for state in ("waiting", "queued", "busy", "writing"):
+            states.add_metric([state], getattr(stats, state))
+        yield states
+        yield _gauge(
+            "connection_capacity",
+            "Connections admitted at once (-1: no limit).",
+            -1 if server.capacity is None else server.capacity,
+        )
+        yield _gauge(
+            "pending_output_bytes",
+            "Echoes the clients have not taken yet (ready dispatch).",
+            server.stats.pending_output.value,
+        )
+        buckets, total = server.stats.dispatch_wait.cumulative()
+        yield HistogramMetricFamily(
+            "echo_dispatch_wait_seconds",
+            "From a connection turning readable to a worker starting on it (ready dispatch).",
+            buckets=buckets,
+            sum_value=total,
+        )
         yield _gauge("threads", "Live OS threads in the process.", os_thread_count())
         yield _counter(
             "thread_start_failures",

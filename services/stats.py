@@ -1,17 +1,28 @@
 """The server's statistics: lock-protected counters that move together.
 
 Every connection walks one path, and each step moves its counters in a single
-`adjust()` so a scrape never sees a connection counted twice or not at all:
+`adjust()` so a scrape never sees a connection counted twice or not at all.
+With `connection` dispatch a connection owns a worker for its whole life:
 
     accepted ──> queued ──> busy ──> closed{reason}
                    └──────────────> rejected{reason}
 
+With `ready` dispatch it waits in the event loop and gets a worker only while
+it has bytes to echo, so it goes round:
+
+    accepted ──> waiting ──> queued ──> busy ──> closed{reason}
+                  ^  └────> closed{idle, evicted}  │
+                  ├────────────────────────────────┤ (read everything there was)
+    writing <─────────────────────────────────────-┘ (the client does not read)
+      └──> queued, or closed{slow_reader}
+
 so at any instant `accepted == active + rejected + closed` and
-`active == queued + busy`.
+`active == waiting + queued + busy + writing`.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +30,13 @@ from dataclasses import dataclass
 from services.concurrency import SharedCounter, adjust, locked, snapshot
 
 REJECT_REASONS = ("queue_full", "thread_start_failed", "out_of_memory", "dispatch_failed")
-CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown")
+CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown", "evicted")
+# Seconds from a connection turning readable to a worker starting on it: sub-millisecond
+# buckets, since that is where a healthy pool is (prometheus-client's start at 5 ms).
+DISPATCH_WAIT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)  # fmt: skip
 
 
 class LabeledCounter:
@@ -55,11 +72,40 @@ class OpenLabeledCounter:
         return {label: counter.value for label, counter in counters.items()}
 
 
+class Histogram:
+    """Observations counted into fixed buckets under one lock (Prometheus's cumulative
+    form is made at scrape time)."""
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(bounds)
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(self.bounds) + 1)  # the last is +Inf
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self.bounds, value)
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """[(upper bound, observations at or below it), ... ("+Inf", all)] and the sum."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        buckets, running = [], 0
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return buckets, total
+
+
 @dataclass(frozen=True)
 class StatsSnapshot:
     accepted: int
     queued: int
     busy: int
+    waiting: int
+    writing: int
     rejected: dict[str, int]
     closed: dict[str, int]
     received_bytes: int
@@ -68,7 +114,7 @@ class StatsSnapshot:
 
     @property
     def active(self) -> int:
-        return self.queued + self.busy
+        return self.waiting + self.queued + self.busy + self.writing
 
 
 class ServerStats:
@@ -76,7 +122,11 @@ class ServerStats:
         self.accepted = SharedCounter()
         self.queued = SharedCounter()
         self.busy = SharedCounter()
+        self.waiting = SharedCounter()  # parked in the event loop until readable
+        self.writing = SharedCounter()  # parked until the client takes its echo
         self.started = SharedCounter()
+        self.pending_output = SharedCounter()  # bytes of echoes the clients have not taken
+        self.dispatch_wait = Histogram(DISPATCH_WAIT_BUCKETS)
         self.rejected = LabeledCounter(REJECT_REASONS)
         self.closed = LabeledCounter(CLOSE_REASONS)
         self.received_bytes = SharedCounter()
@@ -87,22 +137,22 @@ class ServerStats:
         self.worker_threads = SharedCounter()
         self.accept_loop_ticks = SharedCounter()
 
-    def try_admit(self, capacity: int | None) -> bool:
-        """Count an accepted connection and admit it, unless `capacity` are already in."""
+    def try_admit(self, capacity: int | None, parked: bool = False) -> bool:
+        """Count an accepted connection and admit it (queued for a worker, or `parked`
+        waiting for bytes), unless `capacity` are already in."""
         full = self.rejected["queue_full"]
-        with locked(self.accepted, self.queued, self.busy, full):
+        states = (self.queued, self.busy, self.waiting, self.writing)
+        with locked(self.accepted, full, *states):
             self.accepted.add_locked(1)
-            if (
-                capacity is not None
-                and self.queued.value_locked() + self.busy.value_locked() >= capacity
-            ):
+            if capacity is not None and sum(s.value_locked() for s in states) >= capacity:
                 full.add_locked(1)
                 return False
-            self.queued.add_locked(1)
+            (self.waiting if parked else self.queued).add_locked(1)
             return True
 
-    def on_reject(self, reason: str) -> None:
-        adjust((self.queued, -1), (self.rejected[reason], 1))
+    def move(self, source: SharedCounter, target: SharedCounter) -> None:
+        """One connection from one state (or reason) to another, as one step."""
+        adjust((source, -1), (target, 1))
 
     def on_start(self) -> None:
         adjust((self.queued, -1), (self.busy, 1), (self.started, 1))
@@ -114,7 +164,7 @@ class ServerStats:
         adjust((self.received_bytes, received), (self.sent_bytes, sent), (self.messages, messages))
 
     def active_connections(self) -> int:
-        return sum(snapshot(self.queued, self.busy))
+        return sum(snapshot(self.queued, self.busy, self.waiting, self.writing))
 
     def progress(self) -> int:
         """A number that grows whenever a worker gets anything done."""
@@ -127,20 +177,24 @@ class ServerStats:
             self.accepted,
             self.queued,
             self.busy,
+            self.waiting,
+            self.writing,
             self.received_bytes,
             self.sent_bytes,
             self.messages,
             *rejected.values(),
             *closed.values(),
         )
-        fixed, rest = values[:6], values[6:]
+        fixed, rest = values[:8], values[8:]
         return StatsSnapshot(
             accepted=fixed[0],
             queued=fixed[1],
             busy=fixed[2],
-            received_bytes=fixed[3],
-            sent_bytes=fixed[4],
-            messages=fixed[5],
+            waiting=fixed[3],
+            writing=fixed[4],
+            received_bytes=fixed[5],
+            sent_bytes=fixed[6],
+            messages=fixed[7],
             rejected=dict(zip(rejected, rest[: len(rejected)], strict=True)),
             closed=dict(zip(closed, rest[len(rejected) :], strict=True)),
         )

@@ -1,4 +1,5 @@
-"""The bounded models reject what they cannot hold and free workers pinned by bad clients."""
+"""The recipe's bounded pools (`connection` dispatch: a connection owns a worker for its
+life) reject what they cannot hold and free workers pinned by bad clients."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 @pytest.mark.parametrize("model", BOUNDED)
 def test_fourth_connection_is_rejected_with_two_workers_and_a_queue_of_one(model: str) -> None:
-    with running(model, workers=2, queue_size=1) as server:
+    with running(model, dispatch="connection", workers=2, queue_size=1) as server:
         stats = server.stats
         with connect(server.address) as first, connect(server.address) as second:
             assert roundtrip(first, b"1") == b"1"
@@ -56,7 +57,7 @@ def test_fourth_connection_is_rejected_with_two_workers_and_a_queue_of_one(model
 
 @pytest.mark.parametrize("model", BOUNDED)
 def test_idle_connection_is_closed_and_the_worker_serves_the_next(model: str) -> None:
-    with running(model, workers=1, queue_size=1, idle_timeout=1.0) as server:
+    with running(model, dispatch="connection", workers=1, queue_size=1, idle_timeout=1.0) as server:
         with connect(server.address) as idle, connect(server.address) as waiting:
             waiting.sendall(b"next")
             assert closed_by_server(idle)
@@ -66,7 +67,9 @@ def test_idle_connection_is_closed_and_the_worker_serves_the_next(model: str) ->
 
 @pytest.mark.parametrize("model", [*BOUNDED, "threads"])
 def test_client_that_never_reads_frees_its_worker_after_the_send_timeout(model: str) -> None:
-    with running(model, workers=1, queue_size=1, idle_timeout=30.0, send_timeout=1.0) as server:
+    with running(
+        model, dispatch="connection", workers=1, queue_size=1, idle_timeout=30.0, send_timeout=1.0
+    ) as server:
         flood = connect(server.address)
         flood.settimeout(60)
 
@@ -91,7 +94,12 @@ def test_send_timeout_bounds_a_whole_echo_not_each_send_call() -> None:
     # A client that reads a trickle lets every send() make a little progress, so a
     # per-call timeout never fires; the echo as a whole must still end in time.
     with running(
-        "executor", workers=1, queue_size=1, idle_timeout=30.0, send_timeout=1.0
+        "executor",
+        dispatch="connection",
+        workers=1,
+        queue_size=1,
+        idle_timeout=30.0,
+        send_timeout=1.0,
     ) as server:
         client = socket.socket()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -127,7 +135,7 @@ def test_send_timeout_bounds_a_whole_echo_not_each_send_call() -> None:
 
 
 def test_executor_starts_every_worker_before_the_first_connection() -> None:
-    with running("executor", workers=5, queue_size=1) as server:
+    with running("executor", dispatch="connection", workers=5, queue_size=1) as server:
         assert server.sample("echo_worker_threads") == 5
         assert len([t for t in threading.enumerate() if t.name.startswith("echo-executor")]) == 5
 
@@ -201,7 +209,7 @@ def test_idle_clock_starts_at_accept_not_when_a_worker_picks_it_up(model: str) -
     # One worker and 20 waiting, all idle, 2 s idle timeout. Timed from pick-up,
     # the last would be cut off after 21 x 2 = 42 s; timed from accept, all go at ~2 s.
     with (
-        running(model, workers=1, queue_size=20, idle_timeout=2.0) as server,
+        running(model, dispatch="connection", workers=1, queue_size=20, idle_timeout=2.0) as server,
         open_connections(server.address, 21),
     ):
         wait_until(lambda: server.stats.accepted.value == 21, what="all 21 accepted")

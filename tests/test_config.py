@@ -52,6 +52,18 @@ def test_the_model_default_markers_cannot_be_given(args: list[str], message: str
         parse_config(["--model", "queue", *args], env={})
 
 
+def test_the_threads_model_has_only_connection_dispatch() -> None:
+    assert Config(model="threads").dispatch == "connection"
+    with pytest.raises(ConfigError, match="--dispatch: threads supports connection"):
+        Config(model="threads", dispatch="ready")
+
+
+def test_with_ready_dispatch_the_watchdog_may_be_shorter_than_the_timeouts() -> None:
+    # No worker ever waits on a client, so a long timeout is no stall.
+    config = Config(model="queue", idle_timeout=120.0, watchdog_timeout=10.0)
+    assert config.dispatch == "ready" and config.parks
+
+
 def test_the_config_is_frozen() -> None:
     config = Config(model="queue")
     with pytest.raises(AttributeError):
@@ -69,7 +81,15 @@ def test_the_config_is_frozen() -> None:
         ({"stack_size": 40000}, "--stack-size"),
         ({"idle_timeout": -2.0}, "--idle-timeout"),
         ({"log_level": "LOUD"}, "--log-level"),
-        ({"watchdog_timeout": 10.0}, "--watchdog-timeout: must be longer than --idle-timeout"),
+        (
+            {"watchdog_timeout": 10.0, "dispatch": "connection"},
+            "--watchdog-timeout: must be longer than --idle-timeout",
+        ),
+        ({"dispatch": "fibers"}, "--dispatch: queue supports ready or connection"),
+        ({"max_connections": 0}, "--max-connections"),
+        ({"output_budget": 1000}, "--output-budget"),
+        ({"turn_messages": 0}, "--turn-messages"),
+        ({"linger": 2.0}, "--linger"),
     ],
 )
 def test_bad_values_are_refused_up_front(fields: dict[str, object], message: str) -> None:

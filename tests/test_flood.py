@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.breaking import LIMIT_STEPS, find_limit
 from loadtest.flood import FloodRun, RunSettings, Target, flood
 from loadtest.observe import Sample
 from services.launcher import UNDER_AS_LIMIT
@@ -230,3 +231,30 @@ def test_flood_cli_refuses_what_it_must_not_do(args: list[str], message: str) ->
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_find_limit_reports_that_a_tiny_pool_holds_nothing(tmp_path: Path) -> None:
+    args = ("--workers", "2", "--queue-size", "2", "--idle-timeout", "2", "--send-timeout", "2")
+    with server_process(tmp_path, "--model", "queue", *args) as server:
+        point = find_limit(target_of(server, "queue"), "idle", settings(duration=8.0), LIMIT_STEPS)
+    assert point.held is None
+    assert [step.size for step in point.steps] == [250]  # stops at the first failure
+    assert point.describe() == "holds nothing tried: < 250 connections"
+    assert point.failed_at is not None and point.failed_at.verdict != "held"
+
+
+@pytest.mark.timeout(300)
+def test_find_limit_brackets_the_threads_models_limit(tmp_path: Path) -> None:
+    # An unbounded server "holds" while its threads stay within 64 of its baseline (the
+    # verdict's bound for a server with no pool), here also under an address-space cap.
+    with server_process(
+        tmp_path, "--model", "threads", code=UNDER_AS_LIMIT, code_args=("64",)
+    ) as server:
+        point = find_limit(
+            target_of(server, "threads"), "idle", settings(duration=6.0), [16, 32, 128, 512]
+        )
+    assert point.held == 32, point
+    failed = point.failed_at
+    assert failed is not None and failed.size == 128, point
+    assert any("threads grew" in reason for reason in failed.reasons), failed
+    assert point.describe() == "32 connections (not 128)"

@@ -79,11 +79,14 @@ def test_refused_thread_is_counted_and_the_server_keeps_serving(tmp_path: Path) 
         assert server.process.poll() is None
 
 
-@pytest.mark.parametrize("model", list(MODELS))
+MODES = [(name, mode) for name, spec in MODELS.items() for mode in spec.dispatch_modes]
+
+
+@pytest.mark.parametrize(("model", "mode"), MODES, ids=[f"{m}-{d}" for m, d in MODES])
 def test_metrics_answer_while_1000_idle_connections_sit_on_the_echo_port(
-    model: str, tmp_path: Path
+    model: str, mode: str, tmp_path: Path
 ) -> None:
-    with server_process(tmp_path, "--model", model) as server:
+    with server_process(tmp_path, "--model", model, "--dispatch", mode) as server:
         with open_connections(server.address, 1000):
             wait_until(
                 lambda: (
@@ -96,9 +99,14 @@ def test_metrics_answer_while_1000_idle_connections_sit_on_the_echo_port(
             scraped = scrape(server.metrics_address, timeout=5.0)
             assert time.monotonic() - started < 5.0
         threads = metric(scraped, "echo_threads")
-        if model == "threads":
+        if not MODELS[model].bounded:
             assert metric(scraped, "echo_connections_active") == 1000
             assert threads >= 1000
+        elif mode == "ready":
+            # All admitted, each waiting in the event loop: a descriptor, not a thread.
+            assert metric(scraped, "echo_connections_active") == 1000
+            assert metric(scraped, "echo_connections", state="waiting") == 1000
+            assert threads < 50
         else:
             # 32 workers + 64 waiting are in; the rest were turned away, not piled up.
             assert metric(scraped, "echo_connections_active") == 96

@@ -63,8 +63,11 @@ def test_sigint_stops_it_too(tmp_path: Path) -> None:
 HANG_WORKERS = """
 import sys, threading
 import services.base
-# A worker that never returns and never makes progress: the hang to detect.
+# A worker that never returns and never makes progress: the hang to detect, in either
+# dispatch mode.
+import services.ready
 services.base.echo = lambda *args, **kwargs: threading.Event().wait()
+services.ready.echo_turn = lambda *args, **kwargs: threading.Event().wait()
 from services.app import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -74,9 +77,12 @@ sys.exit(main(sys.argv[1:]))
 ONE_WORKER = ("--workers", "1", "--queue-size", "2", "--idle-timeout", "1", "--send-timeout", "1")
 
 
+@pytest.mark.parametrize("mode", ["ready", "connection"])
 @pytest.mark.parametrize("model", ["executor", "queue"])
-def test_watchdog_detects_hung_workers_and_exits_non_zero(model: str, tmp_path: Path) -> None:
-    args = ("--model", model, *ONE_WORKER, "--watchdog-timeout", "3")
+def test_watchdog_detects_hung_workers_and_exits_non_zero(
+    model: str, mode: str, tmp_path: Path
+) -> None:
+    args = ("--model", model, "--dispatch", mode, *ONE_WORKER, "--watchdog-timeout", "3")
     with (
         server_process(tmp_path, *args, code=HANG_WORKERS) as server,
         connect(server.address) as hung,
@@ -138,7 +144,12 @@ def test_port_in_use_is_a_clear_error(flag: str) -> None:
         (("--model", "queue", "--idle-timeout", "nan"), {}, "--idle-timeout: 'nan'"),
         (("--model", "threads", "--stack-size", "1000"), {}, "--stack-size: must be 0"),
         (("--model", "queue", "--host", "localhost"), {}, "--host: 'localhost' is not an IP"),
-        (("--model", "queue", "--watchdog-timeout", "5"), {}, "must be longer than --idle-timeout"),
+        (
+            ("--model", "queue", "--dispatch", "connection", "--watchdog-timeout", "5"),
+            {},
+            "must be longer than --idle-timeout",
+        ),
+        (("--model", "threads", "--dispatch", "ready"), {}, "--dispatch: threads supports"),
         (("--model", "queue", "--bogus"), {}, "unrecognized arguments: --bogus"),
     ],
 )

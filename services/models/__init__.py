@@ -33,6 +33,10 @@ class ModelSpec:
     # control group has none, so that what it lacks is measured, not masked.
     idle_timeout: float | None
     send_timeout: float | None
+    # How an admitted connection reaches a worker; the first is the default. `ready`:
+    # it waits in the event loop and a worker echoes only what is there (the pools);
+    # `connection`: it owns a worker (or a thread) for its whole life (the recipe's).
+    dispatch_modes: tuple[str, ...] = ("ready", "connection")
 
     def server_class(self) -> type[Server]:
         module_name, _, class_name = self.server.partition(":")
@@ -74,6 +78,7 @@ MODELS: dict[str, ModelSpec] = {
             metrics_port=9103,
             idle_timeout=None,
             send_timeout=None,
+            dispatch_modes=("connection",),
         ),
     )
 }

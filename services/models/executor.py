@@ -24,7 +24,6 @@ connections' first echo waited 1-2 s; 0.2 s with both):
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -70,10 +69,10 @@ class ExecutorServer(PoolServer):
             self._pool.shutdown(wait=False)
             raise
 
-    def dispatch(self, conn: socket.socket) -> None:
-        # Every worker runs already: this queues the connection for the next idle one
-        # and never starts a thread (RuntimeError only once the pool is shut down).
-        self._pool.submit(self.handle_connection, conn)
+    def submit(self, job: Callable[[], None]) -> None:
+        # Every worker runs already: this queues the job for the next idle one and
+        # never starts a thread (RuntimeError only once the pool is shut down).
+        self._pool.submit(job)
 
     def stop_workers(self, deadline: float) -> bool:
         # Queued jobs still run, but `handle_connection()` closes them at once while stopping.

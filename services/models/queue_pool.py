@@ -10,9 +10,9 @@ A full pool means the connection is closed at once and counted as rejected.
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
+from collections.abc import Callable
 
 from services.base import PoolServer
 from services.config import Config
@@ -23,8 +23,8 @@ class QueueServer(PoolServer):
         super().__init__(config)
         # Bounded as a backstop: admission already caps it at `capacity`, and the room
         # beyond that is for the stop signals, one per worker.
-        self._queue: queue.Queue[socket.socket | None] = queue.Queue(
-            maxsize=self.capacity + config.workers
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(
+            maxsize=(self.capacity or 0) + config.workers
         )
         self._workers = [
             threading.Thread(target=self._work, name=f"echo-queue-{n}", daemon=True)
@@ -36,19 +36,19 @@ class QueueServer(PoolServer):
             worker.start()
             self.stats.worker_threads.incr()
 
-    def dispatch(self, conn: socket.socket) -> None:
-        self._queue.put_nowait(conn)
+    def submit(self, job: Callable[[], None]) -> None:
+        self._queue.put_nowait(job)
 
     def _work(self) -> None:
         while True:
-            conn = self._queue.get()
-            if conn is None:
+            job = self._queue.get()
+            if job is None:
                 return
-            self.handle_connection(conn)
+            job()
 
     def stop_workers(self, deadline: float) -> bool:
         for _ in self._workers:
-            # Behind any queued connection, which handle_connection() closes while stopping.
+            # Behind any queued job; a connection's job closes it while stopping.
             self._queue.put_nowait(None)
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))

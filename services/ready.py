@@ -1,0 +1,258 @@
+"""`ready` dispatch: connections wait in the event loop, and a worker serves one only
+while it has bytes to echo.
+
+The production shape (gunicorn's gthread, cheroot's ConnectionManager, Tomcat
+NIO): the event loop's thread owns every admitted connection while it waits,
+whether for bytes (`waiting`) or for a client that does not read to take its
+echo (`writing`). When one is ready the loop hands it to the pool (`queued`); a
+worker echoes what is there without waiting for more (`busy`), then hands it
+back through a queue and a wake-up, since a selector belongs to one thread. So a
+waiting connection costs a descriptor and a few hundred bytes, never a thread,
+and N slow clients cannot hold a pool of N.
+
+The loop also enforces what used to need a worker's blocking socket:
+- idle timeout, from the connection's last byte;
+- send timeout: a `writing` connection that took nothing for that long is closed
+  as `slow_reader`;
+- an output budget: over it, the longest-stalled writer is closed, so a flood of
+  slow readers cannot fill the memory;
+- the connection cap: at it, the connection quiet longest is evicted for the
+  newcomer, never one in a worker or with an echo in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from functools import partial
+from typing import TYPE_CHECKING
+
+from services.concurrency import SharedCounter
+from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn
+
+if TYPE_CHECKING:
+    from services.base import PoolServer
+
+log = logging.getLogger("echo.ready")
+
+_HANDBACKS_PER_WAKE = 4096  # so a flood of hand-backs cannot starve accept and timeouts
+
+
+class Connection:
+    """A connection's state between turns; lives as long as the connection."""
+
+    __slots__ = ("last_active", "ready_at", "sock", "stalled_since", "unsent")
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.last_active = now  # the last byte from the client (the idle clock)
+        self.unsent = b""  # echo the client has not taken yet
+        self.stalled_since = now  # the last progress sending `unsent`
+        self.ready_at = now  # when the loop handed it to the pool
+
+
+class ReadyDispatch:
+    def __init__(self, server: PoolServer) -> None:
+        self._server = server
+        self._config = server.config
+        self._stats = server.stats
+        self._selector: selectors.BaseSelector = server.loop_selector  # closed until the loop runs
+        # Parked connections in the order they were parked: the front has been quiet
+        # (or stalled) longest. Only the loop's thread touches these.
+        self._waiting: OrderedDict[Connection, None] = OrderedDict()
+        self._writing: OrderedDict[Connection, None] = OrderedDict()
+        self._handbacks: deque[tuple[Connection, str]] = deque()  # from workers
+        self._loop_done = False  # the loop has ended: workers close what they hand back
+        self._buffers = threading.local()  # one read buffer per worker, not per connection
+
+    # -- on the loop's thread ------------------------------------------------------------
+
+    def on_loop_start(self, selector: selectors.BaseSelector) -> None:
+        self._selector = selector
+
+    def admit(self, sock: socket.socket) -> None:
+        """A new connection, already counted as `waiting`: park it until it sends."""
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._park(Connection(sock, time.monotonic()), "read")
+
+    def _park(self, conn: Connection, interest: str) -> None:
+        if interest == "read":
+            self._selector.register(conn.sock, selectors.EVENT_READ, partial(self._ready, conn))
+            self._waiting[conn] = None
+        else:
+            self._selector.register(conn.sock, selectors.EVENT_WRITE, partial(self._ready, conn))
+            self._writing[conn] = None
+
+    def _unpark(self, conn: Connection) -> bool:
+        """Take a parked connection out of the loop; True if it was waiting to read."""
+        self._selector.unregister(conn.sock)
+        if conn in self._waiting:
+            del self._waiting[conn]
+            return True
+        del self._writing[conn]
+        return False
+
+    def _ready(self, conn: Connection, _sock: socket.socket, _mask: int) -> None:
+        if conn not in self._waiting and conn not in self._writing:
+            return  # closed earlier in the same batch of events (evicted, over budget)
+        was_waiting = self._unpark(conn)
+        self._stats.move(
+            self._stats.waiting if was_waiting else self._stats.writing, self._stats.queued
+        )
+        conn.ready_at = time.monotonic()
+        try:
+            self._server.submit(partial(self.serve_turn, conn))
+        except Exception:  # the pool is shut down (stopping), or cannot take it
+            self._close(conn, self._stats.queued, "shutdown" if self._server.stopping else "error")
+
+    def take_back(self) -> None:
+        """Park what the workers handed back; then keep the output budget. Once the loop
+        has ended (and from any thread) it closes them instead."""
+        for _ in range(min(len(self._handbacks), _HANDBACKS_PER_WAKE)):
+            try:
+                conn, interest = self._handbacks.popleft()
+            except IndexError:  # another thread took it (after the loop ended)
+                break
+            if self._server.stopping:
+                state = self._stats.waiting if interest == "read" else self._stats.writing
+                self._close(conn, state, "shutdown")
+                continue
+            self._park(conn, interest)
+        if self._server.stopping:
+            return
+        if self._handbacks:
+            self._server.wake()  # more than one wake's worth: come back after the rest
+        while self._writing and self._stats.pending_output.value > self._config.output_budget:
+            self._close_parked(next(iter(self._writing)), "slow_reader")
+
+    def next_deadline(self, now: float) -> float:
+        deadlines = [now + 1.0]
+        if self._config.idle_timeout is not None and self._waiting:
+            deadlines.append(next(iter(self._waiting)).last_active + self._config.idle_timeout)
+        if self._config.send_timeout is not None and self._writing:
+            deadlines.append(next(iter(self._writing)).stalled_since + self._config.send_timeout)
+        return min(deadlines)
+
+    def expire(self, now: float) -> None:
+        """Close the idle and the stalled, from the front (parked longest ago). The order
+        is the parking order, which is close to, not exactly, last-activity order: a
+        connection may wait a little past its timeout behind one parked earlier."""
+        idle, send = self._config.idle_timeout, self._config.send_timeout
+        if idle is not None:
+            while self._waiting:
+                conn = next(iter(self._waiting))
+                if now - conn.last_active < idle:
+                    break
+                self._close_parked(conn, "idle")
+        if send is not None:
+            while self._writing:
+                conn = next(iter(self._writing))
+                if now - conn.stalled_since < send:
+                    break
+                self._close_parked(conn, "slow_reader")
+
+    def evict_quietest(self) -> bool:
+        """At the cap: close the connection that has waited longest for bytes, so that a
+        newcomer gets its place. Never one in a worker or with an echo in flight."""
+        if not self._waiting:
+            return False
+        self._close_parked(next(iter(self._waiting)), "evicted")
+        return True
+
+    def close_all(self, reason: str) -> None:
+        """The loop is ending (the server is stopping): close everything parked and
+        everything handed back; later hand-backs are closed by their workers."""
+        self._loop_done = True
+        for conn in [*self._waiting, *self._writing]:
+            self._close_parked(conn, reason)
+        while self._handbacks:
+            self.take_back()
+
+    def _close_parked(self, conn: Connection, reason: str) -> None:
+        state = self._stats.waiting if self._unpark(conn) else self._stats.writing
+        self._close(conn, state, reason)
+
+    def _close(self, conn: Connection, state: SharedCounter, reason: str) -> None:
+        """Close a connection counted in `state` and count it as closed{reason}."""
+        self._server.forget(conn.sock)
+        if conn.unsent:
+            self._stats.pending_output.decr(len(conn.unsent))
+            conn.unsent = b""
+        self._stats.move(state, self._stats.closed[reason])
+
+    # -- on a worker's thread ------------------------------------------------------------
+
+    def serve_turn(self, conn: Connection) -> None:
+        """Echo what `conn` has for us, then hand it back to the loop or close it. Never
+        raises: whatever happens, the connection is parked again or closed and counted."""
+        stats = self._stats
+        started = time.monotonic()
+        stats.dispatch_wait.observe(started - conn.ready_at)
+        stats.on_start()
+        turn = Turn()
+        pending_before = len(conn.unsent)
+        outcome = "error"
+        try:
+            if self._server.stopping:
+                outcome = "shutdown"
+            else:
+                outcome, conn.unsent = echo_turn(
+                    conn.sock,
+                    self._buffer(),
+                    conn.unsent,
+                    max_messages=self._config.turn_messages,
+                    linger=self._config.linger
+                    if self._config.linger and not stats.queued.value
+                    else 0.0,
+                    turn=turn,
+                )
+        except OSError as error:
+            outcome = close_reason_for(error)
+            conn.unsent = b""
+            log.debug("connection ended: %s", error)
+        except Exception:
+            conn.unsent = b""
+            log.exception("unexpected error while serving a connection")
+        finally:
+            now = time.monotonic()
+            if turn.received:
+                conn.last_active = now
+            if turn.sent or outcome != "write":
+                conn.stalled_since = now
+            if len(conn.unsent) != pending_before:
+                stats.pending_output.incr(len(conn.unsent) - pending_before)
+            if turn.received or turn.sent:
+                stats.on_traffic(turn.received, turn.sent, turn.messages)
+            self._after_turn(conn, outcome)
+
+    def _after_turn(self, conn: Connection, outcome: str) -> None:
+        stats = self._stats
+        if outcome in ("read", "write") and not self._server.stopping:
+            stats.move(stats.busy, stats.waiting if outcome == "read" else stats.writing)
+            self._handbacks.append((conn, outcome))
+            if self._loop_done:  # checked after the append: see close_all()
+                self.take_back()
+            else:
+                self._server.wake()
+            return
+        if outcome in ("read", "write"):
+            outcome = "shutdown"
+        if self._server.stopping and outcome in ("eof", "reset", "error"):
+            outcome = "shutdown"
+        self._close(conn, stats.busy, outcome)
+
+    def _linger(self) -> float:
+        """Lingering only pays while no other connection waits for a worker."""
+        linger = self._config.linger
+        return linger if linger and not self._stats.queued.value else 0.0
+
+    def _buffer(self) -> memoryview:
+        buffer: memoryview | None = getattr(self._buffers, "view", None)
+        if buffer is None:
+            buffer = self._buffers.view = memoryview(bytearray(READ_SIZE))
+        return buffer

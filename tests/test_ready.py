@@ -1,0 +1,217 @@
+"""`ready` dispatch: waiting connections cost a descriptor, not a worker, so a small pool
+serves legitimate clients through idle floods, trickles, slow readers and the cap."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from support import (
+    EVENTUALLY,
+    connect,
+    held_open,
+    is_served,
+    open_connections,
+    recv_exactly,
+    roundtrip,
+    running,
+    wait_until,
+)
+
+BOUNDED = ["executor", "queue"]
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_1000_idle_connections_leave_two_workers_free(model: str) -> None:
+    with running(model, workers=2) as server:
+        baseline = server.sample("echo_threads")
+        with open_connections(server.address, 1000):
+            wait_until(
+                lambda: server.sample("echo_connections", state="waiting") >= 1000,
+                what="1000 connections waiting in the loop",
+            )
+            assert is_served(server.address)
+            assert server.sample("echo_threads") <= baseline + 1
+            assert server.sample("echo_worker_threads") == 2
+
+
+@contextlib.contextmanager
+def trickling(address: tuple[str, int], count: int, interval: float) -> Iterator[None]:
+    """`count` connections that each send a byte every `interval` seconds (and read it)."""
+    socks = [connect(address) for _ in range(count)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(interval):
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"t")
+                    sock.recv(16)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(EVENTUALLY)
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_200_trickling_connections_do_not_keep_a_client_out(model: str) -> None:
+    with running(model, workers=2) as server, trickling(server.address, 200, 1.0):
+        wait_until(lambda: server.sample("echo_messages_total") >= 200, what="the trickle to flow")
+        results = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            results.append(is_served(server.address, timeout=2.0))
+            time.sleep(0.1)  # a probe's pace, not a wait for an outcome
+        assert sum(results) / len(results) >= 0.99, f"{sum(results)}/{len(results)}"
+
+
+def slow_reader(address: tuple[str, int]) -> socket.socket:
+    """Sends far more than its small receive buffer takes back, and never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(address)
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(64):
+            sock.send(b"s" * 65536)
+    return sock
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_slow_readers_are_closed_and_never_hold_a_worker(model: str) -> None:
+    budget = 4 * 2**20
+    with running(model, workers=2, send_timeout=2.0, output_budget=budget) as server:
+        readers = [slow_reader(server.address) for _ in range(100)]
+        try:
+            wait_until(
+                lambda: server.sample("echo_connections", state="writing") >= 1,
+                what="slow readers stalled on their echoes",
+            )
+            assert is_served(server.address)  # while they stall
+            peak = 0.0
+
+            def all_closed() -> bool:
+                # Counted by the server: a client still holds its unread echo after the
+                # close, so from its side the connection still looks open.
+                nonlocal peak
+                peak = max(peak, server.sample("echo_pending_output_bytes"))
+                return server.sample("echo_connections_closed_total", reason="slow_reader") >= 100
+
+            wait_until(all_closed, what="every slow reader to be closed")
+            assert server.sample("echo_connections", state="writing") == 0
+            # Over the budget only by what workers handed back since the loop last looked:
+            # a read's worth (64 KiB) each.
+            assert peak <= budget + 8 * 65536, peak
+            assert server.sample("echo_pending_output_bytes") == 0
+        finally:
+            for sock in readers:
+                sock.close()
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_the_output_budget_closes_the_longest_stalled_reader(model: str) -> None:
+    budget = 256 * 1024
+    with running(model, workers=2, send_timeout=60.0, output_budget=budget) as server:
+        readers = [slow_reader(server.address) for _ in range(40)]
+        try:
+            wait_until(
+                lambda: server.sample("echo_connections_closed_total", reason="slow_reader") >= 1,
+                what="the budget to close a reader (the send timeout is 60 s)",
+            )
+            assert server.sample("echo_pending_output_bytes") <= budget + 8 * 65536
+            assert is_served(server.address)
+        finally:
+            for sock in readers:
+                sock.close()
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_at_the_cap_the_quietest_is_evicted_never_one_mid_echo(model: str) -> None:
+    with running(model, workers=2, max_connections=50, send_timeout=30.0) as server:
+        with connect(server.address) as busy:
+            # A 1 MiB echo that the client takes slowly: its echo is in flight throughout.
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            payload = os.urandom(1 << 20)
+            sender = threading.Thread(target=busy.sendall, args=(payload,))
+            sender.start()
+            with open_connections(server.address, 60) as idle:
+                wait_until(
+                    lambda: server.sample("echo_connections_closed_total", reason="evicted") >= 11,
+                    what="the cap to evict the quietest",
+                )
+                # The first idle connections were the quietest: they went first.
+                assert not held_open(idle[0])
+                assert held_open(idle[-1])
+                assert is_served(server.address)  # a newcomer is admitted
+            assert recv_exactly(busy, len(payload)) == payload
+            sender.join(EVENTUALLY)
+        assert server.sample("echo_connections_rejected_total", reason="queue_full") == 0
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_64_busy_connections_on_2_workers_all_make_progress(model: str) -> None:
+    with running(model, workers=2, turn_messages=4) as server:
+        clients = [connect(server.address) for _ in range(64)]
+        done = [0] * len(clients)
+        stop = threading.Event()
+
+        def pump(index: int) -> None:
+            sock = clients[index]
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    assert roundtrip(sock, b"%05d" % index) == b"%05d" % index
+                    done[index] += 1
+
+        threads = [threading.Thread(target=pump, args=(n,)) for n in range(len(clients))]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_until(lambda: all(count >= 20 for count in done), what="every client to progress")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(EVENTUALLY)
+            for sock in clients:
+                sock.close()
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_idle_timeout_runs_from_the_last_byte(model: str) -> None:
+    with (
+        running(model, workers=1, idle_timeout=1.5) as server,
+        connect(server.address) as talker,
+        connect(server.address) as silent,
+    ):
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0:  # twice the timeout, talking
+            assert roundtrip(talker, b"k") == b"k"
+            time.sleep(0.2)  # the client's pace
+        assert held_open(talker)
+        wait_until(lambda: not held_open(silent), what="the silent one to be closed")
+        assert server.sample("echo_connections_closed_total", reason="idle") == 1
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_the_dispatch_wait_histogram_counts_every_turn(model: str) -> None:
+    with running(model, workers=2) as server, connect(server.address) as sock:
+        for n in range(50):
+            assert roundtrip(sock, b"%d" % n) == b"%d" % n
+        # A turn may echo more than one message; every turn is one observation.
+        turns = server.stats.started.value
+        assert 1 <= turns <= 50
+        assert server.sample("echo_dispatch_wait_seconds_count") == turns
+        assert server.sample("echo_dispatch_wait_seconds_bucket", le="+Inf") == turns
+        assert server.sample("echo_dispatch_wait_seconds_sum") > 0
