@@ -13,7 +13,8 @@ from types import FrameType
 from services.base import PortInUseError, Server
 from services.config import Config, ConfigError, parse_config
 from services.launcher import write_ready_file
-from services.metrics import MetricsServer, build_registry
+from services.metrics import build_registry
+from services.metrics_http import MetricsServer
 from services.watchdog import Lane, Watchdog
 
 log = logging.getLogger("echo")

@@ -1,23 +1,17 @@
-"""Prometheus exposition: a collector that reads the lock-protected counters at scrape time,
-and a single-threaded HTTP server for it.
+"""Prometheus exposition: a collector that reads the lock-protected counters at scrape time.
 
-prometheus-client's `start_http_server` starts a thread per request; under a
-thread-exhaustion attack that is exactly what fails, so /metrics is served by
-one thread, one request at a time, each bounded by a socket timeout.
+The endpoint that serves it is `services.metrics_http` (one thread, no client can
+hold it); `scrape()` and `metric()` read it back, for the tests and the tools.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 import threading
 import urllib.request
 from collections.abc import Iterable, Iterator
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -30,12 +24,10 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from services import procfs
-from services.base import PortInUseError, Server
+from services.base import Server
 from services.watchdog import Watchdog
 
 log = logging.getLogger("echo.metrics")
-
-_REQUEST_TIMEOUT = 5.0  # a scraper that stalls cannot hold the one metrics thread longer
 
 
 class EchoCollector(Collector):
@@ -161,59 +153,6 @@ def build_registry(server: Server, watchdog: Watchdog | None = None) -> Collecto
     registry.register(EchoCollector(server, watchdog))
     ProcessCollector(registry=registry)
     return registry
-
-
-class _QuietHandler(WSGIRequestHandler):
-    timeout = _REQUEST_TIMEOUT
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-
-class _QuietServer(WSGIServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("metrics request from %s failed", client_address, exc_info=True)
-
-
-class _QuietServer6(_QuietServer):
-    address_family = socket.AF_INET6
-
-
-class MetricsServer:
-    """Serves /metrics from one daemon thread."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        try:
-            self._httpd: WSGIServer = make_server(
-                host,
-                port,
-                make_wsgi_app(registry),
-                server_class=_QuietServer6 if ":" in host else _QuietServer,
-                handler_class=_QuietHandler,
-            )
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise PortInUseError(
-                    error.errno, f"metrics port {host}:{port} is already in use"
-                ) from None
-            raise
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="echo-metrics", daemon=True
-        )
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._httpd.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join()
-        self._httpd.server_close()
 
 
 Scraped = dict[tuple[str, tuple[tuple[str, str], ...]], float]

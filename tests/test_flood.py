@@ -15,12 +15,14 @@ from loadtest.breaking import LIMIT_STEPS, find_limit
 from loadtest.flood import FloodRun, RunSettings, Target, flood
 from loadtest.observe import Sample
 from services.launcher import UNDER_AS_LIMIT
+from services.models import MODELS
 from support import ROOT, ServerProcess, is_served, server_process, wait_until
 
 pytestmark = [pytest.mark.flood, pytest.mark.timeout(120)]
 
 BOUNDED = ["executor", "queue"]
 WORKERS, QUEUE, TIMEOUT = 8, 8, 2.0
+RECIPE = ("--dispatch", "connection")  # a connection owns a worker for its whole life
 POOL_ARGS = (
     "--workers",
     str(WORKERS),
@@ -66,7 +68,7 @@ def assert_bounded_and_serving(run: FloodRun, server: ServerProcess) -> None:
 
 @pytest.mark.parametrize("model", BOUNDED)
 def test_bounded_pool_holds_a_polite_idle_flood_of_5000(model: str, tmp_path: Path) -> None:
-    with server_process(tmp_path, "--model", model, *POOL_ARGS) as server:
+    with server_process(tmp_path, "--model", model, *POOL_ARGS, *RECIPE) as server:
         run = flood(target_of(server, model), "idle", settings(connections=5000, polite=True))
         assert run.counts.replaced == 0
         assert run.counts.opened == 5000
@@ -90,7 +92,7 @@ def test_a_reconnecting_idle_flood_pins_a_pool_that_gives_each_connection_a_work
 ) -> None:
     """What the idle timeout frees, the attacker takes again at once: legitimate clients
     are refused for the whole attack, though threads and memory stay bounded."""
-    with server_process(tmp_path, "--model", model, *POOL_ARGS) as server:
+    with server_process(tmp_path, "--model", model, *POOL_ARGS, *RECIPE) as server:
         run = flood(target_of(server, model), "idle", settings(connections=500))
         summary = run.summary
         assert run.counts.replaced >= 500, run.counts
@@ -99,17 +101,37 @@ def test_a_reconnecting_idle_flood_pins_a_pool_that_gives_each_connection_a_work
         assert_bounded_and_serving(run, server)
 
 
+@pytest.mark.parametrize("mode", ["ready", "connection"])
 @pytest.mark.parametrize("model", BOUNDED)
 @pytest.mark.parametrize("scenario", ["slow-reader", "churn"])
 def test_bounded_pool_survives_slow_readers_and_churn(
-    model: str, scenario: str, tmp_path: Path
+    model: str, scenario: str, mode: str, tmp_path: Path
 ) -> None:
-    with server_process(tmp_path, "--model", model, *POOL_ARGS) as server:
+    with server_process(tmp_path, "--model", model, *POOL_ARGS, "--dispatch", mode) as server:
         run = flood(target_of(server, model), scenario, settings(connections=500))
         assert run.counts.opened > 0
         assert_bounded_and_serving(run, server)
         if scenario == "slow-reader":
             assert run.summary.closed.get("slow_reader", 0) >= 1, run.summary
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+@pytest.mark.parametrize("scenario", ["idle", "slowloris", "slow-reader", "churn"])
+def test_ready_dispatch_holds_every_reconnecting_flood_with_8_workers(
+    model: str, scenario: str, tmp_path: Path
+) -> None:
+    """Waiting connections wait in the event loop, so the attack never holds a worker: the
+    probe is served all through, with threads flat and memory bounded."""
+    with server_process(tmp_path, "--model", model, *POOL_ARGS) as server:
+        run = flood(
+            target_of(server, model), scenario, settings(connections=1000, trickle_interval=1.0)
+        )
+        summary = run.summary
+        assert summary.verdict == "held", (summary.reasons, run.counts)
+        assert summary.probe_success >= 0.99
+        assert_bounded_and_serving(run, server)
+        if scenario == "slow-reader":
+            assert summary.closed.get("slow_reader", 0) >= 1, summary
 
 
 def test_threads_model_grows_a_thread_per_idle_connection(tmp_path: Path) -> None:
@@ -140,9 +162,10 @@ def test_threads_model_under_a_memory_cap_fails_the_recorded_way(tmp_path: Path)
 
 @pytest.mark.parametrize("model", ["executor", "queue", "threads"])
 def test_slowloris_is_recorded_honestly(model: str, tmp_path: Path) -> None:
-    # A byte every second never lets the 2 s idle timeout fire: the bounded pools are
+    # A byte every second never lets the 2 s idle timeout fire: the recipe's pools are
     # pinned for as long as the attack lasts, while `threads` pays a thread each.
-    with server_process(tmp_path, "--model", model, *POOL_ARGS) as server:
+    args = (*POOL_ARGS, *RECIPE) if MODELS[model].bounded else POOL_ARGS
+    with server_process(tmp_path, "--model", model, *args) as server:
         run = flood(
             target_of(server, model),
             "slowloris",
@@ -162,7 +185,7 @@ def test_slowloris_is_recorded_honestly(model: str, tmp_path: Path) -> None:
 
 
 def test_flood_cli_prints_a_table_writes_json_and_checks_the_verdict(tmp_path: Path) -> None:
-    with server_process(tmp_path, "--model", "queue", *POOL_ARGS) as server:
+    with server_process(tmp_path, "--model", "queue", *POOL_ARGS, *RECIPE) as server:
         common = [
             sys.executable,
             "-m",
@@ -235,7 +258,7 @@ def test_flood_cli_refuses_what_it_must_not_do(args: list[str], message: str) ->
 
 def test_find_limit_reports_that_a_tiny_pool_holds_nothing(tmp_path: Path) -> None:
     args = ("--workers", "2", "--queue-size", "2", "--idle-timeout", "2", "--send-timeout", "2")
-    with server_process(tmp_path, "--model", "queue", *args) as server:
+    with server_process(tmp_path, "--model", "queue", *args, *RECIPE) as server:
         point = find_limit(target_of(server, "queue"), "idle", settings(duration=8.0), LIMIT_STEPS)
     assert point.held is None
     assert [step.size for step in point.steps] == [250]  # stops at the first failure

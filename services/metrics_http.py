@@ -1,0 +1,214 @@
+"""The /metrics endpoint: one thread, one selector, and no client that can hold it.
+
+A thread per request is what a thread-exhaustion attack breaks, and one thread
+serving one request at a time (wsgiref) is blinded by ten clients that send a
+byte a second. So, like the echo servers' `ready` dispatch, every connection
+waits in a selector and costs a descriptor:
+- a request must arrive whole (request line and headers, at most 8 KiB) within
+  `REQUEST_DEADLINE` of its accept, or it is closed;
+- at most `MAX_CONNECTIONS` are open; a new one pushes out the oldest, which has
+  had longest to send a request and has not;
+- `accept()` errors back off (descriptors run out under the floods);
+- `stop()` never waits on a client.
+The registry is rendered at most once per request, only when the request is
+complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import OrderedDict
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from services.base import PortInUseError
+
+log = logging.getLogger("echo.metrics")
+
+REQUEST_DEADLINE = 5.0  # seconds from accept for the whole request
+MAX_REQUEST = 8192  # bytes of request line and headers
+MAX_CONNECTIONS = 256
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
+_TICK = 0.5
+
+
+class _Client:
+    __slots__ = ("deadline", "request", "response", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.request = b""
+        self.response = b""
+
+
+class MetricsServer:
+    """Serves /metrics (and /) from one daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._registry = registry
+        self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host, port))
+            self._listener.listen(1024)
+        except OSError as error:
+            self._listener.close()
+            if error.errno == errno.EADDRINUSE:
+                raise PortInUseError(
+                    error.errno, f"metrics port {host}:{port} is already in use"
+                ) from None
+            raise
+        self._listener.setblocking(False)
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._stop = threading.Event()
+        self._clients: OrderedDict[socket.socket, _Client] = OrderedDict()  # oldest first
+        self._thread = threading.Thread(target=self._serve, name="echo-metrics", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._listener.getsockname()[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop serving; waits at most `timeout` (the loop never blocks on a client)."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"\0")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._close_everything()
+
+    def _close_everything(self) -> None:
+        for client in list(self._clients.values()):
+            client.sock.close()
+        self._clients.clear()
+        self._listener.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _serve(self) -> None:
+        paused_until = 0.0
+        backoff = 0.0
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if paused_until and now >= paused_until:
+                    paused_until = 0.0
+                    selector.register(self._listener, selectors.EVENT_READ)
+                timeout = min(_TICK, paused_until - now) if paused_until else _TICK
+                for key, mask in selector.select(max(timeout, 0.0)):
+                    if key.fileobj is self._listener:
+                        backoff = self._accept(selector, backoff)
+                        if backoff:
+                            selector.unregister(self._listener)
+                            paused_until = time.monotonic() + backoff
+                    elif key.fileobj is self._wake_reader:
+                        continue
+                    else:
+                        self._on_client(selector, key.data, mask)
+                self._expire(selector, time.monotonic())
+
+    def _accept(self, selector: selectors.BaseSelector, backoff: float) -> float:
+        for _ in range(64):
+            try:
+                sock, _peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return 0.0
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return min(max(backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+                log.debug("metrics accept failed: %s", error)
+                return 0.0
+            if len(self._clients) >= MAX_CONNECTIONS:
+                self._drop(selector, next(iter(self._clients.values())))
+            sock.setblocking(False)
+            client = _Client(sock, time.monotonic() + REQUEST_DEADLINE)
+            self._clients[sock] = client
+            selector.register(sock, selectors.EVENT_READ, client)
+        return 0.0
+
+    def _on_client(self, selector: selectors.BaseSelector, client: _Client, mask: int) -> None:
+        if client.sock not in self._clients:
+            return  # dropped earlier in this batch of events
+        try:
+            if mask & selectors.EVENT_READ:
+                self._read(selector, client)
+            elif client.response:
+                self._write(selector, client)
+        except OSError:
+            self._drop(selector, client)
+
+    def _read(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        data = client.sock.recv(MAX_REQUEST)
+        if not data:
+            self._drop(selector, client)
+            return
+        client.request += data
+        end = client.request.find(b"\r\n\r\n")
+        if end < 0:
+            if len(client.request) >= MAX_REQUEST:
+                client.response = _response(431, b"request header fields too large\n")
+                selector.modify(client.sock, selectors.EVENT_WRITE, client)
+            return
+        client.response = self._respond(client.request[:end])
+        selector.modify(client.sock, selectors.EVENT_WRITE, client)
+        self._write(selector, client)
+
+    def _respond(self, head: bytes) -> bytes:
+        method, _, rest = head.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if method != b"GET":
+            return _response(405, b"only GET\n")
+        if path not in (b"/", b"/metrics"):
+            return _response(404, b"not found: try /metrics\n")
+        try:
+            body = generate_latest(self._registry)
+        except Exception:
+            log.exception("collecting the metrics failed")
+            return _response(500, b"collecting the metrics failed\n")
+        return _response(200, body, CONTENT_TYPE_LATEST.encode())
+
+    def _write(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        try:
+            sent = client.sock.send(client.response)
+        except BlockingIOError:
+            return
+        client.response = client.response[sent:]
+        if not client.response:
+            self._drop(selector, client)
+
+    def _expire(self, selector: selectors.BaseSelector, now: float) -> None:
+        while self._clients:
+            client = next(iter(self._clients.values()))
+            if client.deadline > now:
+                break
+            self._drop(selector, client)
+
+    def _drop(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        self._clients.pop(client.sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(client.sock)
+        client.sock.close()
+
+
+def _response(status: int, body: bytes, content_type: bytes = b"text/plain") -> bytes:
+    reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed", 431: b"Too Large"}
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        % (status, reason.get(status, b"Error"), content_type, len(body))
+    ) + body
