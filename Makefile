@@ -30,6 +30,9 @@ LIMIT_SECONDS ?= 15
 QUICK ?=
 BENCH_ARGS ?=
 
+# How the bounded pools take connections: ready (default) or connection (the recipe's).
+DISPATCH ?=
+
 # Containers. Pinned upstream images come from .env; OFFLINE=1 (or ECHO_OFFLINE=1)
 # builds the base images from Debian's packages instead, for machines with no registry.
 include .env
@@ -78,8 +81,8 @@ fmt: venv ## Format the code and apply ruff's safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-up-local: venv ## Run every model's server on loopback, on the ports of `python -m services.models`, until Ctrl-C
-	$(PY) -m services.cluster
+up-local: venv ## Run every model's server on loopback until Ctrl-C (DISPATCH=connection: the recipe's pools)
+	$(PY) -m services.cluster $(if $(DISPATCH),--dispatch $(DISPATCH))
 
 load: venv ## Headless locust run against all three (USERS=90 DURATION=30s); verifies every byte
 	@mkdir -p $(REPORTS)
@@ -123,7 +126,7 @@ engine:
 
 up: engine images ## Start the stack (3 servers + Prometheus) and wait until every service is healthy
 	@test -n "$(COMPOSE_BIN)" || { echo "make up: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
-	$(COMPOSE) up -d --no-build
+	DISPATCH=$(DISPATCH) $(COMPOSE) up -d --no-build
 	@bash docker/wait-healthy.sh $(UP_TIMEOUT) $(PROJECT)
 	@$(PY) -m services.models
 	@echo "  prometheus http://127.0.0.1:9090  (targets: $(TARGETS_PAGE))"

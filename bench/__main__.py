@@ -41,8 +41,7 @@ def throughput(
     Pinned: every server on the same one CPU and the client on the others, so that they
     do not compete and every server gets the same CPU. Unpinned: all of them anywhere.
     """
-    specs: dict[str, Sequence[str]] = {model: model_command(model, *POOL) for model in MODELS}
-    specs["asyncio"] = [sys.executable, "-m", "bench.asyncio_echo", "0"]
+    specs = server_specs(full=len(configs) > 1)
     c_server, c_client = compile_c("epoll_echo"), compile_c("pingpong")
     if c_server is not None:
         specs["c-epoll"] = [str(c_server), "0"]
@@ -108,6 +107,29 @@ def throughput(
     }
 
 
+REFERENCES = ("uvloop-streams", "c-epoll")  # the ratio columns
+
+
+def server_specs(full: bool) -> dict[str, Sequence[str]]:
+    """Every model in every dispatch mode, pools of 256; in a full run also the pools with
+    the containers' 32 workers (does parking serve 256 connections with 32?); and the
+    references: stdlib asyncio, uvloop streams and protocol, and C."""
+    specs: dict[str, Sequence[str]] = {}
+    for spec in MODELS.values():
+        for mode in spec.dispatch_modes:
+            name = spec.name if len(spec.dispatch_modes) == 1 else f"{spec.name}/{mode}"
+            specs[name] = model_command(spec.name, "--dispatch", mode, *POOL)
+        if full and "ready" in spec.dispatch_modes:
+            small = (*POOL, "--workers", "32")  # the last --workers wins
+            specs[f"{spec.name}/ready/32w"] = model_command(
+                spec.name, "--dispatch", "ready", *small
+            )
+    specs["asyncio"] = [sys.executable, "-m", "bench.asyncio_echo", "0"]
+    for kind in ("streams", "protocol"):
+        specs[f"uvloop-{kind}"] = [sys.executable, "-m", "bench.uvloop_echo", kind, "0"]
+    return specs
+
+
 def config_name(connections: int, size: int, pinned: bool) -> str:
     return f"{connections} conn x {size // 1024} KiB" + ("" if pinned else ", unpinned")
 
@@ -141,19 +163,19 @@ def format_throughput(data: dict[str, Any]) -> str:
     for key, per_server in data["configs"].items():
         lines.append(f"\n{key}")
         lines.append(
-            f"  {'server':<10}{'req/s':>9}{'unstalled':>11}{'CPU us':>8}{'switch':>8}{'p50 ms':>8}"
-            f"{'p99 ms':>8}{'p999 ms':>9}   {'vs asyncio':<20}{'vs C epoll':<20}"
+            f"  {'server':<20}{'req/s':>9}{'unstalled':>11}{'CPU us':>8}{'switch':>8}{'p50 ms':>8}"
+            f"{'p99 ms':>8}{'p999 ms':>9}   {'vs uvloop streams':<20}{'vs C epoll':<20}"
         )
         for server, rows in per_server.items():
             cells = []
-            for reference in ("asyncio", "c-epoll"):
+            for reference in REFERENCES:
                 r = ratios(per_server, server, reference)
                 cells.append(f"{r[0]:5.2f}x ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
             rate, unstalled = _median(rows, "rate"), _median(rows, "unstalled_rate")
             cpu = _median(rows, "server_cpu_us")
             switched = [r["switches_per_request"] for r in rows if "switches_per_request" in r]
             lines.append(
-                f"  {server:<10}{rate:>9.0f}{unstalled:>11.0f}{cpu:>8.1f}"
+                f"  {server:<20}{rate:>9.0f}{unstalled:>11.0f}{cpu:>8.1f}"
                 f"{f'{statistics.median(switched):.2f}' if switched else '-':>8}"
                 f"{_median(rows, 'p50_ms'):>8.2f}{_median(rows, 'p99_ms'):>8.2f}"
                 f"{_median(rows, 'p999_ms'):>9.2f}   {cells[0]:<20}{cells[1]:<20}"

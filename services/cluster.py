@@ -42,14 +42,16 @@ def busy_ports(host: str) -> list[str]:
     ]
 
 
-def start_all(host: str) -> dict[str, ServerProcess]:
-    """Every model on its registered ports; all or nothing."""
+def start_all(host: str, dispatch: str | None = None) -> dict[str, ServerProcess]:
+    """Every model on its registered ports, in `dispatch` mode where the model has it;
+    all or nothing."""
     # The registry's ports for each model, whatever ECHO_PORT says in this shell.
     env = {k: v for k, v in os.environ.items() if k not in ("ECHO_PORT", "ECHO_METRICS_PORT")}
     children: dict[str, ServerProcess] = {}
     try:
         for name in MODELS:
-            command = services_command("--model", name, "--host", host)
+            mode = ("--dispatch", dispatch) if dispatch in MODELS[name].dispatch_modes else ()
+            command = services_command("--model", name, "--host", host, *mode)
             children[name] = launch(command, env=env, inherit_output=True)
     except BaseException:
         stop_all(children)
@@ -90,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Extra ECHO_* variables (e.g. ECHO_LOG_LEVEL) apply to all of them.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address for all the servers")
+    modes = sorted({mode for spec in MODELS.values() for mode in spec.dispatch_modes})
+    parser.add_argument(
+        "--dispatch",
+        choices=modes,
+        help="dispatch mode for every model that has it [each model's default]",
+    )
     args = parser.parse_args(argv)
 
     if busy := busy_ports(args.host):
@@ -103,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        children = start_all(args.host)
+        children = start_all(args.host, args.dispatch)
     except RuntimeError as error:
         print(f"up-local: a server did not start: {error}", file=sys.stderr)
         return 1

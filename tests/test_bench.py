@@ -40,7 +40,16 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 0
-    servers = ["executor", "queue", "threads", "asyncio"]
+    servers = [
+        "executor/ready",
+        "executor/connection",
+        "queue/ready",
+        "queue/connection",
+        "threads",
+        "asyncio",
+        "uvloop-streams",
+        "uvloop-protocol",
+    ]
     if shutil.which("cc") or shutil.which("gcc"):
         servers.append("c-epoll")
     assert report["throughput"]["servers"] == servers
@@ -54,7 +63,7 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
             assert all(r["switches_per_request"] >= 0 for r in rounds), rounds
         else:
             assert all("switches_per_request" not in r for r in rounds), rounds
-    for pool in ("executor", "queue"):  # at least one switch per round trip: a thread wakes
+    for pool in ("executor/connection", "queue/connection"):  # a thread wakes per round trip
         assert all(r["switches_per_request"] >= 0.5 for r in config[pool]), config[pool]
     native = bool(shutil.which("cc") or shutil.which("gcc"))
     assert report["throughput"]["client"] == ("c-epoll" if native else "python")

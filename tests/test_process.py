@@ -178,6 +178,12 @@ def test_help_names_every_environment_variable() -> None:
         "BACKLOG",
         "WATCHDOG_TIMEOUT",
         "LOG_LEVEL",
+        "READY_FILE",
+        "DISPATCH",
+        "MAX_CONNECTIONS",
+        "OUTPUT_BUDGET",
+        "TURN_MESSAGES",
+        "LINGER",
     ):
         assert f"ECHO_{var}" in result.stdout
 
