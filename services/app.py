@@ -72,13 +72,14 @@ class Service:
     def metrics_address(self) -> tuple[str, int]:
         return self.metrics.address
 
-    def run(self) -> bool:
-        """Serve until `server.stop()`; True when the shutdown was clean."""
+    def run(self, on_ready: Callable[[], None] | None = None) -> bool:
+        """Serve until `server.stop()`; True when the shutdown was clean. `on_ready` is
+        called once both ports are served."""
         self.metrics.start()
         if self.watchdog is not None:
             self.watchdog.start()
         try:
-            return self.server.run()
+            return self.server.run(on_ready)
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -110,9 +111,13 @@ def run_until_stopped(config: Config) -> int:
         config.idle_timeout,
         config.send_timeout,
     )
-    if config.ready_file:
-        write_ready_file(config.ready_file, service.address, service.metrics_address)
-    clean = service.run()
+    ready_file = config.ready_file
+
+    def announce() -> None:  # the workers run: what the ready file promises
+        if ready_file:
+            write_ready_file(ready_file, service.address, service.metrics_address)
+
+    clean = service.run(announce)
     log.info("echo server stopped%s", "" if clean else " with workers still busy")
     return 0 if clean else 1
 

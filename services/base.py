@@ -160,8 +160,9 @@ class Server(ABC):
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
-    def run(self) -> bool:
-        """Accept until `stop()`, then shut down; True when every worker finished in time."""
+    def run(self, on_ready: Callable[[], None] | None = None) -> bool:
+        """Accept until `stop()`, then shut down; True when every worker finished in time.
+        `on_ready` is called once the workers run and the loop is about to accept."""
         listener = self._listener
         if listener is None:
             self.bind()
@@ -170,7 +171,7 @@ class Server(ABC):
             raise RuntimeError("bind() did not open a listener")
         try:
             self.start_workers()
-            self._event_loop(listener)
+            self._event_loop(listener, on_ready)
             return self._shutdown(listener)
         finally:
             self._wake_reader.close()
@@ -179,7 +180,9 @@ class Server(ABC):
 
     # -- the event loop: accepts, and (ready dispatch) parks waiting connections --------
 
-    def _event_loop(self, listener: socket.socket) -> None:
+    def _event_loop(
+        self, listener: socket.socket, on_ready: Callable[[], None] | None = None
+    ) -> None:
         """One thread owns the selector: the listener, the wake-up socket, and whatever a
         model parks there. Each registration's data is the callback for its events."""
         with selectors.DefaultSelector() as selector:
@@ -188,6 +191,8 @@ class Server(ABC):
             selector.register(self._wake_reader, selectors.EVENT_READ, self._on_wake)
             self.on_loop_start(selector)
             self._accepting.set()
+            if on_ready is not None:
+                on_ready()
             try:
                 while not self._stopping.is_set():
                     self.stats.accept_loop_ticks.incr()

@@ -47,7 +47,7 @@ class Config:
     ready_file: str | None = None  # written once both ports listen (see services.launcher)
     dispatch: str = ""  # "" is the model's default (its first dispatch mode)
     max_connections: int = FROM_MODEL  # ready dispatch: admitted at once; see default_cap()
-    output_budget: int = 16 * 2**20  # ready dispatch: bytes of echoes clients have not taken
+    output_budget: int = 4 * 2**20  # ready dispatch: bytes of echoes clients have not taken
     turn_messages: int = 16  # ready dispatch: messages a worker echoes before it yields
     linger: float = 0.0  # ready dispatch: seconds a worker waits for a next message if idle
 
@@ -145,13 +145,15 @@ class Config:
         return self.max_connections if self.parks else self.workers + self.queue_size
 
 
-def default_cap() -> int:
-    """10,000 connections, or fewer where the descriptor limit is lower (100 are kept for
-    the listener, metrics, logs and the process's own files)."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+def default_cap(descriptors: int | None = None) -> int:
+    """10,000 connections, or fewer where the descriptor limit (`descriptors`, this
+    process's soft RLIMIT_NOFILE by default) is lower: a quarter of it, up to 100, is
+    kept for the listener, metrics, logs and the process's own files."""
+    if descriptors is None:
+        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if descriptors == resource.RLIM_INFINITY:
         return 10_000
-    return max(1, min(10_000, soft - 100))
+    return max(1, min(10_000, descriptors - min(100, descriptors // 4)))
 
 
 def _check(ok: bool, flag: str, problem: str) -> None:
@@ -242,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-budget",
         help="ready dispatch: bytes of echoes that clients have not taken, over all "
         "connections; over it the longest-stalled reader is closed [ECHO_OUTPUT_BUDGET, "
-        "default 16777216]",
+        "default 4194304]",
     )
     add(
         "--turn-messages",

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.config import Config, ConfigError, parse_config
+from services.config import Config, ConfigError, default_cap, parse_config
 from services.models import MODELS, ModelSpec
 
 
@@ -50,6 +50,13 @@ def test_a_config_built_directly_gets_its_own_models_defaults(spec: ModelSpec) -
 def test_the_model_default_markers_cannot_be_given(args: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(["--model", "queue", *args], env={})
+
+
+@pytest.mark.parametrize(
+    ("descriptors", "cap"), [(64, 48), (1024, 924), (2000, 1900), (1 << 20, 10_000)]
+)
+def test_the_connection_cap_follows_the_descriptor_limit(descriptors: int, cap: int) -> None:
+    assert default_cap(descriptors) == cap
 
 
 def test_the_threads_model_has_only_connection_dispatch() -> None:

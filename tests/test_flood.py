@@ -274,7 +274,10 @@ def test_find_limit_brackets_the_threads_models_limit(tmp_path: Path) -> None:
         tmp_path, "--model", "threads", code=UNDER_AS_LIMIT, code_args=("64",)
     ) as server:
         point = find_limit(
-            target_of(server, "threads"), "idle", settings(duration=6.0), [16, 32, 128, 512]
+            target_of(server, "threads"),
+            "idle",
+            settings(duration=8.0, settle=2.0),
+            [16, 32, 128, 512],
         )
     assert point.held == 32, point
     failed = point.failed_at

@@ -195,7 +195,8 @@ def test_environment_configures_the_server(tmp_path: Path) -> None:
             code=(
                 "import os, sys\n"
                 "os.environ.update(ECHO_MODEL='queue', ECHO_PORT='0', ECHO_METRICS_PORT='0',"
-                " ECHO_WORKERS='3', ECHO_QUEUE_SIZE='5', ECHO_IDLE_TIMEOUT='7')\n"
+                " ECHO_WORKERS='3', ECHO_QUEUE_SIZE='5', ECHO_IDLE_TIMEOUT='7',"
+                " ECHO_DISPATCH='connection')\n"
                 "from services.app import main\n"
                 "sys.exit(main(sys.argv[1:]))\n"  # the launcher's --ready-file
             )

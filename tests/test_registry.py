@@ -96,32 +96,31 @@ def test_the_model_name_check_can_fail(line: str, named: bool) -> None:
 
 # A model that is not in the tree: one module, written here, and one registry entry.
 PLUGIN_MODULE = '''
-import socket
 import threading
 
 from services.base import PoolServer
 
 
 class OneThreadServer(PoolServer):
-    """Every connection on one thread, one after another."""
+    """A pool of one thread: every job in turn (both dispatch modes come with the base)."""
 
     def start_workers(self) -> None:
-        self._jobs: list[socket.socket] = []
+        self._jobs = []
         self._ready = threading.Condition()
         threading.Thread(target=self._work, daemon=True).start()
         self.stats.worker_threads.incr()
 
-    def dispatch(self, conn: socket.socket) -> None:
+    def submit(self, job):
         with self._ready:
-            self._jobs.append(conn)
+            self._jobs.append(job)
             self._ready.notify()
 
     def _work(self) -> None:
         while True:
             with self._ready:
                 self._ready.wait_for(lambda: self._jobs)
-                conn = self._jobs.pop(0)
-            self.handle_connection(conn)
+                job = self._jobs.pop(0)
+            job()
 
     def stop_workers(self, deadline: float) -> bool:
         return True
