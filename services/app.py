@@ -100,16 +100,18 @@ def run_until_stopped(config: Config) -> int:
     (host, port), (mhost, mport) = service.address, service.metrics_address
     log.info(
         "echo server ready model=%s echo=%s:%d metrics=%s:%d workers=%s queue=%s "
-        "idle_timeout=%s send_timeout=%s",
+        "idle_timeout=%s send_timeout=%s dispatch=%s max_connections=%s",
         config.model,
         host,
         port,
         mhost,
         mport,
         config.workers if config.bounded else "unbounded",
-        config.queue_size if config.bounded else "none",
+        config.queue_size if config.bounded and not config.parks else "none",
         config.idle_timeout,
         config.send_timeout,
+        config.dispatch,
+        "unbounded" if config.capacity is None else config.capacity,
     )
     ready_file = config.ready_file
 

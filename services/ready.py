@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("echo.ready")
 
 _HANDBACKS_PER_WAKE = 4096  # so a flood of hand-backs cannot starve accept and timeouts
+# The kernel's send buffer per connection (it doubles what it is given). Left to
+# autotuning it grows to 4 MiB on loopback, and a client that never reads makes the
+# server read and echo that much before its echo stalls: 2,000 slow readers kept a
+# half-CPU container busy echoing for them. 64 KiB still takes a whole read's echo.
+SEND_BUFFER = 64 * 1024
 
 
 class Connection:
@@ -78,6 +83,7 @@ class ReadyDispatch:
         """A new connection, already counted as `waiting`: park it until it sends."""
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._park(Connection(sock, time.monotonic()), "read")
 
     def _park(self, conn: Connection, interest: str) -> None:

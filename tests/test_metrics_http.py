@@ -1,0 +1,125 @@
+"""The metrics endpoint keeps answering Prometheus while clients try to starve it."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.metrics_http import MAX_CONNECTIONS, REQUEST_DEADLINE
+from support import EVENTUALLY, held_open, running, scrape, server_process, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@contextlib.contextmanager
+def trickling_requests(address: tuple[str, int], count: int) -> Iterator[list[socket.socket]]:
+    """`count` connections that send an HTTP request a byte a second and never finish it."""
+    socks = [socket.create_connection(address, timeout=EVENTUALLY) for _ in range(count)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        while not stop.wait(1.0):
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.send(b"a")
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        yield socks
+    finally:
+        stop.set()
+        thread.join(EVENTUALLY)
+        for sock in socks:
+            sock.close()
+
+
+def test_100_slow_clients_do_not_blind_prometheus_and_sigterm_still_exits(
+    tmp_path: Path,
+) -> None:
+    with (
+        server_process(tmp_path, "--model", "queue") as server,
+        trickling_requests(server.metrics_address, 100),
+    ):
+        results = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                scrape(server.metrics_address, timeout=2.0)
+                results.append(True)
+            except OSError:
+                results.append(False)
+            time.sleep(max(0.0, 0.5 - (time.monotonic() - started)))  # Prometheus's pace
+        assert sum(results) / len(results) >= 0.99, f"{sum(results)}/{len(results)} scrapes"
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(EVENTUALLY) == 0, server.log()
+        assert time.monotonic() - started < 5.0
+
+
+def test_a_request_that_never_ends_is_closed_after_the_deadline() -> None:
+    with (
+        running("queue") as server,
+        socket.create_connection(server.service.metrics_address) as sock,
+    ):
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        started = time.monotonic()
+        wait_until(lambda: not held_open(sock), what="the unfinished request to be closed")
+        assert time.monotonic() - started >= REQUEST_DEADLINE - 1.0
+
+
+def test_more_clients_than_the_cap_push_out_the_oldest() -> None:
+    with running("queue") as server:
+        address = server.service.metrics_address
+        socks = [socket.create_connection(address) for _ in range(MAX_CONNECTIONS + 10)]
+        try:
+            wait_until(lambda: not held_open(socks[0]), what="the oldest to be pushed out")
+            assert held_open(socks[-1])
+            assert scrape(address)  # and a real scrape still gets through
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /nowhere HTTP/1.1\r\n\r\n", 404),
+        (b"POST /metrics HTTP/1.1\r\n\r\n", 405),
+        # Exactly the cap, so that every byte sent is read before the close (no reset).
+        (b"GET /metrics HTTP/1.1\r\nX-Big: ".ljust(8192, b"a"), 431),
+    ],
+)
+def test_bad_requests_get_a_status_not_a_hang(request_bytes: bytes, status: int) -> None:
+    with (
+        running("queue") as server,
+        socket.create_connection(server.service.metrics_address, timeout=EVENTUALLY) as sock,
+    ):
+        sock.sendall(request_bytes)
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:80]
+
+
+def test_both_paths_serve_the_metrics() -> None:
+    with running("queue") as server:
+        host, port = server.service.metrics_address
+        for path in ("/", "/metrics"):
+            with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as reply:
+                assert b"echo_connections_accepted_total" in reply.read()
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://{host}:{port}/other", timeout=5)
