@@ -67,7 +67,7 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
         assert all(r["switches_per_request"] >= 0.5 for r in config[pool]), config[pool]
     native = bool(shutil.which("cc") or shutil.which("gcc"))
     assert report["throughput"]["client"] == ("c-epoll" if native else "python")
-    assert "vs asyncio" in result.stdout and "vs C epoll" in result.stdout
+    assert "vs uvloop streams" in result.stdout and "vs C epoll" in result.stdout
     if native:
         assert "client: " in result.stdout and "round trips/s on 1 process(es)" in result.stdout
     idle = {row["server"]: row for row in report["idle_costs"]}
