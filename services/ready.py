@@ -114,6 +114,8 @@ class ReadyDispatch:
         try:
             self._server.submit(partial(self.serve_turn, conn))
         except Exception:  # the pool is shut down (stopping), or cannot take it
+            if not self._server.stopping:
+                log.exception("the pool refused a ready connection; closing it")
             self._close(conn, self._stats.queued, "shutdown" if self._server.stopping else "error")
 
     def take_back(self) -> None:
