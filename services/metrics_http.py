@@ -72,6 +72,9 @@ class MetricsServer:
         self._stop = threading.Event()
         self._clients: OrderedDict[socket.socket, _Client] = OrderedDict()  # oldest first
         self._thread = threading.Thread(target=self._serve, name="echo-metrics", daemon=True)
+        # The loop must outlive running out of memory, or Prometheus goes blind just when a
+        # flood makes it worth watching; counted here, logged when the loop ends.
+        self.memory_errors = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -92,6 +95,8 @@ class MetricsServer:
             self._close_everything()
 
     def _close_everything(self) -> None:
+        if self.memory_errors:
+            log.warning("metrics: %d request(s) dropped for lack of memory", self.memory_errors)
         for client in list(self._clients.values()):
             client.sock.close()
         self._clients.clear()
@@ -113,14 +118,22 @@ class MetricsServer:
                 timeout = min(_TICK, paused_until - now) if paused_until else _TICK
                 for key, mask in selector.select(max(timeout, 0.0)):
                     if key.fileobj is self._listener:
-                        backoff = self._accept(selector, backoff)
+                        try:
+                            backoff = self._accept(selector, backoff)
+                        except MemoryError:  # back off as for running out of descriptors
+                            backoff = min(max(backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+                            self.memory_errors += 1
                         if backoff:
                             selector.unregister(self._listener)
                             paused_until = time.monotonic() + backoff
                     elif key.fileobj is self._wake_reader:
                         continue
                     else:
-                        self._on_client(selector, key.data, mask)
+                        try:
+                            self._on_client(selector, key.data, mask)
+                        except MemoryError:  # out of memory (the floods do this): drop it
+                            self._drop(selector, key.data)
+                            self.memory_errors += 1
                 self._expire(selector, time.monotonic())
 
     def _accept(self, selector: selectors.BaseSelector, backoff: float) -> float:
