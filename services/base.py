@@ -17,10 +17,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
 
+from services.concurrency import SharedCounter
 from services.config import Config
 from services.echo import close_reason_for, echo
+from services.logs import RateLimitedLog, quietly
 from services.ready import ReadyDispatch
-from services.stats import ServerStats
+from services.stats import ServerStats, persist
 
 log = logging.getLogger("echo.server")
 
@@ -36,28 +38,6 @@ _DRAIN = 1.0  # seconds open connections get to finish after a stop request
 
 class PortInUseError(OSError):
     pass
-
-
-class RateLimitedLog:
-    """Log a repeating problem at most once per interval, with the count suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._lock = threading.Lock()
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next:
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next = now + self._interval
-        suffix = f" ({suppressed} similar suppressed)" if suppressed else ""
-        self._logger.warning(message + suffix, *args)
 
 
 class Server(ABC):
@@ -204,10 +184,20 @@ class Server(ABC):
                     if self._paused_until:
                         timeout = min(timeout, self._paused_until - now)
                     for key, mask in selector.select(max(timeout, 0.0)):
-                        key.data(key.fileobj, mask)
+                        self._run_callback(key, mask)
                     self.on_loop_tick(time.monotonic())
             finally:
                 self.on_loop_end()
+
+    def _run_callback(self, key: selectors.SelectorKey, mask: int) -> None:
+        """One registration's callback. A failure is logged, and the loop goes on: every
+        parked connection and the accept loop depend on this one thread."""
+        try:
+            key.data(key.fileobj, mask)
+        except MemoryError:
+            self._warn.warning("out of memory in the event loop; carrying on")
+        except Exception:
+            quietly(log.exception, "unexpected error in the event loop; carrying on")
 
     def _on_listener(self, listener: socket.socket, _mask: int) -> None:
         try:
@@ -295,9 +285,14 @@ class Server(ABC):
 
     def _admit(self, conn: socket.socket) -> None:
         capacity = self.capacity
-        if capacity is not None and self.stats.active_connections() >= capacity:
-            self.make_room()
-        if not self.stats.try_admit(capacity, parked=self.config.parks):
+        try:
+            if capacity is not None and self.stats.active_connections() >= capacity:
+                self.make_room()
+            admitted = self.stats.try_admit(capacity, parked=self.config.parks)
+        except BaseException:
+            conn.close()  # out of memory before it was counted: as if never accepted
+            raise
+        if not admitted:
             conn.close()  # counted as rejected{queue_full}
             return
         try:
@@ -308,24 +303,45 @@ class Server(ABC):
             self.reject(conn, "out_of_memory")
             self._warn.warning("out of memory while admitting a connection; closed it")
         except Exception:
-            log.exception("dispatch failed; closing the connection")
+            quietly(log.exception, "dispatch failed; closing the connection")
             self.reject(conn, "dispatch_failed")
 
     def reject(self, conn: socket.socket, reason: str) -> None:
-        self.stats.move(self._entry, self.stats.rejected[reason])
         self.forget(conn)
+        self.count(self._entry, self.stats.rejected[reason])
 
     def forget(self, conn: socket.socket) -> None:
-        """Close a connection and drop it from the open set."""
-        with self._open_lock:
-            self._open.pop(conn, None)
-        conn.close()
+        """Close a connection and drop it from the open set. Never raises."""
+        try:
+            with self._open_lock:
+                self._open.pop(conn, None)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def finish(self, conn: socket.socket, state: SharedCounter, reason: str) -> None:
+        """Close a connection counted in `state` and count it as closed{reason}."""
+        self.forget(conn)  # first: if memory has run out, counting may fail, closing rarely does
+        if self._stopping.is_set() and reason in ("eof", "reset", "error"):
+            reason = "shutdown"
+        self.count(state, self.stats.closed[reason])
+
+    def count(self, source: SharedCounter, target: SharedCounter) -> None:
+        """Move one connection between counters; never raises (a worker must not die of
+        a count it could not make, though the count is then lost and said so)."""
+        try:
+            persist(self.stats.move, source, target)
+        except MemoryError:
+            self._warn.warning("out of memory while counting a connection; a count is lost")
 
     def handle_connection(self, conn: socket.socket) -> None:
-        """Run one connection to its end on the calling worker thread. Never raises."""
-        self.stats.on_start()
+        """Run one connection to its end on the calling worker thread. Never raises:
+        whatever happens on the way, the connection is closed and counted once."""
+        state = self.stats.queued
         reason = "error"
         try:
+            persist(self.stats.on_start)
+            state = self.stats.busy
             if self._stopping.is_set():
                 reason = "shutdown"
                 return
@@ -334,20 +350,18 @@ class Server(ABC):
                 conn,
                 idle_timeout=self.config.idle_timeout,
                 send_timeout=self.config.send_timeout,
-                on_traffic=self.stats.on_traffic,
+                on_traffic=partial(persist, self.stats.on_traffic),
                 waited=time.monotonic() - self.accepted_at(conn),
             )
         except OSError as error:
             reason = close_reason_for(error)
-            log.debug("connection ended: %s", error)
+            quietly(log.debug, "connection ended: %s", error)
+        except MemoryError:
+            self._warn.warning("out of memory while serving a connection; closed it")
         except Exception:
-            log.exception("unexpected error while serving a connection")
+            quietly(log.exception, "unexpected error while serving a connection")
         finally:
-            # Close first: if memory has run out, counting may fail, closing rarely does.
-            self.forget(conn)
-            if self._stopping.is_set() and reason in ("eof", "reset", "error"):
-                reason = "shutdown"
-            self.stats.on_close(reason)
+            self.finish(conn, state, reason)
 
     def accepted_at(self, conn: socket.socket) -> float:
         with self._open_lock:

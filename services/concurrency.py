@@ -121,8 +121,11 @@ def adjust(*changes: tuple[SharedCounter, int]) -> None:
     `snapshot()`; both go through `acquire()`, so they cannot deadlock.
     """
     with acquire(*(counter.lock for counter, _ in changes)):
-        for counter, delta in changes:
-            counter._value += delta
+        # Every new value first: adding can allocate, and a MemoryError then must leave
+        # every counter as it was, so that the caller may simply try again.
+        values = [counter._value + delta for counter, delta in changes]
+        for index, (counter, _) in enumerate(changes):
+            counter._value = values[index]
 
 
 def snapshot(*counters: SharedCounter) -> tuple[int, ...]:

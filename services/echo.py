@@ -75,9 +75,11 @@ def echo(
                 sent = conn.send(view[:received])
             except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
                 return "slow_reader"
-            if sent < received and not _send_rest(conn, view[sent:received], send_timeout, now):
+            if sent < received:
+                sent += _send_rest(conn, view[sent:received], send_timeout, now)
+            sent_total += sent  # all of it, or what a slow reader took before it stalled
+            if sent < received:
                 return "slow_reader"
-            sent_total += received
             messages += 1
             if now >= next_flush:
                 on_traffic(received_total, sent_total, messages)
@@ -88,28 +90,26 @@ def echo(
             on_traffic(received_total, sent_total, messages)
 
 
-def _send_rest(
-    conn: socket.socket, rest: memoryview, timeout: float | None, started: float
-) -> bool:
+def _send_rest(conn: socket.socket, rest: memoryview, timeout: float | None, started: float) -> int:
     """Send the rest of an echo that the kernel took only part of (the client reads
     slowly), by `timeout` after `started` (monotonic), when the echo's first send()
-    began; False if the client did not read it in time."""
+    began; the bytes sent, fewer than `rest` if the client did not read them in time."""
     if timeout is None:
         conn.sendall(rest)
-        return True
+        return len(rest)
     deadline = started + timeout
+    total = 0
     try:
-        while rest:
+        while total < len(rest):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return False
+                break
             _kernel_timeout(conn, socket.SO_SNDTIMEO, remaining)
             try:
-                sent = conn.send(rest)
+                total += conn.send(rest[total:])
             except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
-                return False
-            rest = rest[sent:]
-        return True
+                break
+        return total
     finally:
         _kernel_timeout(conn, socket.SO_SNDTIMEO, timeout)
 

@@ -22,6 +22,7 @@ The loop also enforces what used to need a worker's blocking socket:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import socket
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING
 
 from services.concurrency import SharedCounter
 from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn
+from services.logs import quietly
+from services.stats import persist
 
 if TYPE_CHECKING:
     from services.base import PoolServer
@@ -87,12 +90,18 @@ class ReadyDispatch:
         self._park(Connection(sock, time.monotonic()), "read")
 
     def _park(self, conn: Connection, interest: str) -> None:
-        if interest == "read":
-            self._selector.register(conn.sock, selectors.EVENT_READ, partial(self._ready, conn))
-            self._waiting[conn] = None
-        else:
-            self._selector.register(conn.sock, selectors.EVENT_WRITE, partial(self._ready, conn))
-            self._writing[conn] = None
+        """Register a connection for `interest`; all or nothing (out of memory included)."""
+        parked, event = (
+            (self._waiting, selectors.EVENT_READ)
+            if interest == "read"
+            else (self._writing, selectors.EVENT_WRITE)
+        )
+        parked[conn] = None
+        try:
+            self._selector.register(conn.sock, event, partial(self._ready, conn))
+        except BaseException:
+            del parked[conn]
+            raise
 
     def _unpark(self, conn: Connection) -> bool:
         """Take a parked connection out of the loop; True if it was waiting to read."""
@@ -106,17 +115,17 @@ class ReadyDispatch:
     def _ready(self, conn: Connection, _sock: socket.socket, _mask: int) -> None:
         if conn not in self._waiting and conn not in self._writing:
             return  # closed earlier in the same batch of events (evicted, over budget)
-        was_waiting = self._unpark(conn)
-        self._stats.move(
-            self._stats.waiting if was_waiting else self._stats.writing, self._stats.queued
-        )
-        conn.ready_at = time.monotonic()
+        job = partial(self.serve_turn, conn)
+        state = self._stats.waiting if self._unpark(conn) else self._stats.writing
         try:
-            self._server.submit(partial(self.serve_turn, conn))
-        except Exception:  # the pool is shut down (stopping), or cannot take it
+            persist(self._stats.move, state, self._stats.queued)
+            state = self._stats.queued
+            conn.ready_at = time.monotonic()
+            self._server.submit(job)
+        except Exception:  # the pool is shut down (stopping), cannot take it, or no memory
             if not self._server.stopping:
-                log.exception("the pool refused a ready connection; closing it")
-            self._close(conn, self._stats.queued, "shutdown" if self._server.stopping else "error")
+                quietly(log.exception, "the pool refused a ready connection; closing it")
+            self._close(conn, state, "shutdown" if self._server.stopping else "error")
 
     def take_back(self) -> None:
         """Park what the workers handed back; then keep the output budget. Once the loop
@@ -126,11 +135,14 @@ class ReadyDispatch:
                 conn, interest = self._handbacks.popleft()
             except IndexError:  # another thread took it (after the loop ended)
                 break
+            state = self._stats.waiting if interest == "read" else self._stats.writing
             if self._server.stopping:
-                state = self._stats.waiting if interest == "read" else self._stats.writing
                 self._close(conn, state, "shutdown")
                 continue
-            self._park(conn, interest)
+            try:
+                self._park(conn, interest)
+            except MemoryError:
+                self._close(conn, state, "error")
         if self._server.stopping:
             return
         if self._handbacks:
@@ -186,12 +198,13 @@ class ReadyDispatch:
         self._close(conn, state, reason)
 
     def _close(self, conn: Connection, state: SharedCounter, reason: str) -> None:
-        """Close a connection counted in `state` and count it as closed{reason}."""
-        self._server.forget(conn.sock)
+        """Close a connection counted in `state` and count it as closed{reason}. Never
+        raises."""
         if conn.unsent:
-            self._stats.pending_output.decr(len(conn.unsent))
+            with contextlib.suppress(MemoryError):
+                persist(self._stats.pending_output.decr, len(conn.unsent))
             conn.unsent = b""
-        self._stats.move(state, self._stats.closed[reason])
+        self._server.finish(conn.sock, state, reason)
 
     # -- on a worker's thread ------------------------------------------------------------
 
@@ -199,13 +212,14 @@ class ReadyDispatch:
         """Echo what `conn` has for us, then hand it back to the loop or close it. Never
         raises: whatever happens, the connection is parked again or closed and counted."""
         stats = self._stats
-        started = time.monotonic()
-        stats.dispatch_wait.observe(started - conn.ready_at)
-        stats.on_start()
+        state = stats.queued
         turn = Turn()
         pending_before = len(conn.unsent)
         outcome = "error"
         try:
+            stats.dispatch_wait.observe(time.monotonic() - conn.ready_at)
+            persist(stats.on_start)
+            state = stats.busy
             if self._server.stopping:
                 outcome = "shutdown"
             else:
@@ -214,45 +228,55 @@ class ReadyDispatch:
                     self._buffer(),
                     conn.unsent,
                     max_messages=self._config.turn_messages,
-                    linger=self._config.linger
-                    if self._config.linger and not stats.queued.value
-                    else 0.0,
+                    linger=self._linger(),
                     turn=turn,
                 )
         except OSError as error:
             outcome = close_reason_for(error)
             conn.unsent = b""
-            log.debug("connection ended: %s", error)
-        except Exception:
+            quietly(log.debug, "connection ended: %s", error)
+        except Exception:  # MemoryError included: close it, the worker goes on
+            outcome = "error"
             conn.unsent = b""
-            log.exception("unexpected error while serving a connection")
+            quietly(log.exception, "unexpected error while serving a connection")
         finally:
-            now = time.monotonic()
-            if turn.received:
-                conn.last_active = now
-            if turn.sent or outcome != "write":
-                conn.stalled_since = now
-            if len(conn.unsent) != pending_before:
-                stats.pending_output.incr(len(conn.unsent) - pending_before)
-            if turn.received or turn.sent:
-                stats.on_traffic(turn.received, turn.sent, turn.messages)
-            self._after_turn(conn, outcome)
+            try:
+                self._settle_turn(conn, turn, outcome, pending_before)
+                self._after_turn(conn, state, outcome)
+            except MemoryError:
+                self._close(conn, state, "error")
 
-    def _after_turn(self, conn: Connection, outcome: str) -> None:
+    def _settle_turn(self, conn: Connection, turn: Turn, outcome: str, pending_before: int) -> None:
+        """Count what a turn did and restart the connection's clocks."""
+        now = time.monotonic()
+        if turn.received:
+            conn.last_active = now
+        if turn.sent or outcome != "write":
+            conn.stalled_since = now
+        if len(conn.unsent) != pending_before:
+            persist(self._stats.pending_output.incr, len(conn.unsent) - pending_before)
+        if turn.received or turn.sent:
+            persist(self._stats.on_traffic, turn.received, turn.sent, turn.messages)
+
+    def _after_turn(self, conn: Connection, state: SharedCounter, outcome: str) -> None:
+        """Hand a connection (counted in `state`) back to the loop, or close it."""
         stats = self._stats
-        if outcome in ("read", "write") and not self._server.stopping:
-            stats.move(stats.busy, stats.waiting if outcome == "read" else stats.writing)
-            self._handbacks.append((conn, outcome))
+        if outcome in ("read", "write") and not self._server.stopping and state is stats.busy:
+            parked = stats.waiting if outcome == "read" else stats.writing
+            persist(stats.move, stats.busy, parked)
+            try:
+                self._handbacks.append((conn, outcome))
+            except MemoryError:
+                self._close(conn, parked, "error")
+                return
             if self._loop_done:  # checked after the append: see close_all()
                 self.take_back()
             else:
                 self._server.wake()
             return
         if outcome in ("read", "write"):
-            outcome = "shutdown"
-        if self._server.stopping and outcome in ("eof", "reset", "error"):
-            outcome = "shutdown"
-        self._close(conn, stats.busy, outcome)
+            outcome = "shutdown" if self._server.stopping else "error"
+        self._close(conn, state, outcome)
 
     def _linger(self) -> float:
         """Lingering only pays while no other connection waits for a worker."""

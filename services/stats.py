@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from services.concurrency import SharedCounter, adjust, locked, snapshot
 
@@ -37,6 +38,26 @@ DISPATCH_WAIT_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 )  # fmt: skip
+
+
+_COUNT_TRIES = 3
+T = TypeVar("T")
+
+
+def persist(step: Callable[..., T], *args: Any) -> T:
+    """Run a counting step, trying again if memory runs out meanwhile.
+
+    Counting allocates (integers, lock bookkeeping), and under an address-space limit
+    it can fail where the server just freed a connection's buffers; a count that is
+    skipped would be wrong for the rest of the process's life. Every step is all or
+    nothing (`adjust()`), so a retry never counts twice. Raises after the last try.
+    """
+    for _ in range(_COUNT_TRIES - 1):
+        try:
+            return step(*args)
+        except MemoryError:
+            pass
+    return step(*args)
 
 
 class LabeledCounter:
@@ -156,9 +177,6 @@ class ServerStats:
 
     def on_start(self) -> None:
         adjust((self.queued, -1), (self.busy, 1), (self.started, 1))
-
-    def on_close(self, reason: str) -> None:
-        adjust((self.busy, -1), (self.closed[reason], 1))
 
     def on_traffic(self, received: int, sent: int, messages: int) -> None:
         adjust((self.received_bytes, received), (self.sent_bytes, sent), (self.messages, messages))

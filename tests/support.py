@@ -15,8 +15,13 @@ from services.app import Service
 from services.config import Config
 from services.launcher import ROOT, ServerProcess, services_command
 from services.metrics import metric, scrape
+from services.models import MODELS
 
 __all__ = ["ROOT", "ServerProcess", "metric", "scrape"]  # re-exported for the tests
+
+# Every model in every dispatch mode it has, and their test ids.
+MODES = [(name, mode) for name, spec in MODELS.items() for mode in spec.dispatch_modes]
+MODE_IDS = [f"{name}-{mode}" for name, mode in MODES]
 
 EVENTUALLY = 30.0  # generous: this machine can freeze a process for seconds
 

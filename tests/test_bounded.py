@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from services.echo import echo
 from services.models.executor import _PromptExecutor
 from support import (
     connect,
@@ -218,3 +219,43 @@ def test_idle_clock_starts_at_accept_not_when_a_worker_picks_it_up(model: str) -
             timeout=25,
             what="every idle connection to be closed about 2 s after its accept",
         )
+
+
+def test_bytes_a_slow_reader_took_before_it_stalled_are_counted_as_sent() -> None:
+    # The echo that stalls is partly sent: what the kernel took of it reached the client
+    # and belongs in echo_sent_bytes_total as much as any whole echo does. Small buffers
+    # on both sides make the last echo a partial one.
+    counted: list[int] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024)
+        client.connect(listener.getsockname())
+        server_end, _ = listener.accept()
+    with server_end, client:
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * 1024)
+
+        def send_without_reading() -> None:
+            with contextlib.suppress(OSError):  # the server end closes on us
+                client.sendall(os.urandom(4 * 1024 * 1024))
+
+        sender = threading.Thread(target=send_without_reading)
+        sender.start()
+        try:
+            reason = echo(
+                server_end,
+                idle_timeout=30.0,
+                send_timeout=0.5,
+                on_traffic=lambda _received, sent, _messages: counted.append(sent),
+            )
+            server_end.shutdown(socket.SHUT_WR)  # FIN after the echoes: the client reads to EOF
+            client.shutdown(socket.SHUT_WR)
+            client.settimeout(30)
+            delivered = 0
+            while chunk := client.recv(65536):
+                delivered += len(chunk)
+        finally:
+            server_end.shutdown(socket.SHUT_RDWR)
+            sender.join(60)
+    assert reason == "slow_reader"
+    assert delivered > 0
+    assert sum(counted) == delivered

@@ -9,6 +9,7 @@ A full pool means the connection is closed at once and counted as rejected.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -16,6 +17,9 @@ from collections.abc import Callable
 
 from services.base import PoolServer
 from services.config import Config
+from services.logs import quietly
+
+log = logging.getLogger("echo.queue")
 
 
 class QueueServer(PoolServer):
@@ -40,11 +44,17 @@ class QueueServer(PoolServer):
         self._queue.put_nowait(job)
 
     def _work(self) -> None:
+        # A job closes and counts its own connection whatever happens (it never raises);
+        # the guard is so that nothing, not even a MemoryError on the way in or out of
+        # get(), can end a worker and shrink the pool for good.
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            job()
+            try:
+                job = self._queue.get()
+                if job is None:
+                    return
+                job()
+            except Exception:
+                quietly(log.exception, "a queue worker's job failed; the worker goes on")
 
     def stop_workers(self, deadline: float) -> bool:
         for _ in self._workers:

@@ -20,8 +20,10 @@ import socket
 import threading
 import time
 
-from services.base import RateLimitedLog, Server
+from services.base import Server
 from services.config import Config
+from services.logs import RateLimitedLog
+from services.stats import persist
 
 log = logging.getLogger("echo.threads")
 
@@ -44,11 +46,15 @@ class ThreadPerConnectionServer(Server):
             self.reject(conn, "thread_start_failed")
 
     def _run(self, conn: socket.socket) -> None:
-        self.stats.worker_threads.incr()
         try:
-            self.handle_connection(conn)
+            persist(self.stats.worker_threads.incr)
+        except MemoryError:  # the thread runs but cannot be counted: close and count that
+            self.finish(conn, self.stats.queued, "error")
+            return
+        try:
+            self.handle_connection(conn)  # never raises
         finally:
-            self.stats.worker_threads.decr()
+            persist(self.stats.worker_threads.decr)
 
     def stop_workers(self, deadline: float) -> bool:
         threading.stack_size(self._previous_stack_size)
