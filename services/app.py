@@ -13,6 +13,7 @@ from types import FrameType
 from services.base import PortInUseError, Server
 from services.config import Config, ConfigError, parse_config
 from services.launcher import write_ready_file
+from services.logs import exit_now
 from services.metrics import build_registry
 from services.metrics_http import MetricsServer
 from services.watchdog import Lane, Watchdog
@@ -31,8 +32,7 @@ def exit_hung(reason: str) -> None:
     """Exit from the watchdog thread: a hung worker may never let a normal shutdown
     finish, and the supervisor's restart is the recovery."""
     time.sleep(_TRIP_LINGER)  # /metrics still answers meanwhile, showing the trip
-    logging.shutdown()
-    os._exit(EXIT_HUNG)
+    exit_now(EXIT_HUNG, reason)  # logs from a helper thread: stderr may block
 
 
 def build_watchdog(
@@ -44,8 +44,15 @@ def build_watchdog(
         Lane(
             "accept loop", lambda: stats.accept_loop_ticks.value, lambda: int(not server.stopping)
         ),
-        Lane("workers", stats.progress, lambda: stats.queued.value),
     ]
+    config = server.config
+    if config.parks or not config.bounded or (config.idle_timeout and config.send_timeout):
+        # With connection dispatch and a timeout off, a quiet client holds its worker
+        # for good while others queue, which looks exactly like a hang: then only the
+        # accept loop is watched.
+        lanes.append(Lane("workers", stats.progress, lambda: stats.queued.value))
+    else:
+        log.info("watchdog: workers not watched (connection dispatch with a timeout off)")
     return Watchdog(lanes, timeout, on_trip)
 
 
@@ -76,10 +83,15 @@ class Service:
         """Serve until `server.stop()`; True when the shutdown was clean. `on_ready` is
         called once both ports are served."""
         self.metrics.start()
-        if self.watchdog is not None:
-            self.watchdog.start()
+
+        def serving() -> None:  # the workers and the accept loop run: now watch them
+            if self.watchdog is not None:
+                self.watchdog.start()
+            if on_ready is not None:
+                on_ready()
+
         try:
-            return self.server.run(on_ready)
+            return self.server.run(serving)
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -119,9 +131,12 @@ def run_until_stopped(config: Config) -> int:
         if ready_file:
             write_ready_file(ready_file, service.address, service.metrics_address)
 
-    clean = service.run(announce)
-    log.info("echo server stopped%s", "" if clean else " with workers still busy")
-    return 0 if clean else 1
+    if service.run(announce):
+        log.info("echo server stopped")
+        return 0
+    # Some worker is stuck; interpreter exit would wait for it (an executor's threads
+    # are joined at exit), so end here.
+    exit_now(1, "echo server stopped with workers still busy; not waiting for them")
 
 
 def _install_signal_handlers(server: Server) -> None:

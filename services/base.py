@@ -34,6 +34,7 @@ _BACKOFF_MAX = 1.0
 _ACCEPT_BATCH = 64  # accepts per wake-up, so the loop still notices a stop request
 _TICK = 1.0  # the accept loop wakes at least this often (watchdog heartbeat)
 _DRAIN = 1.0  # seconds open connections get to finish after a stop request
+_WORKERS_GRACE = 2.0  # then seconds for workers to end once their connections are cut
 
 
 class PortInUseError(OSError):
@@ -379,7 +380,7 @@ class Server(ABC):
         for conn in still_open:
             with contextlib.suppress(OSError):  # closed by its worker in the meantime
                 conn.shutdown(socket.SHUT_RDWR)
-        finished = self.stop_workers(time.monotonic() + 3.0)
+        finished = self.stop_workers(time.monotonic() + _WORKERS_GRACE)
         if not finished:
             log.error("workers did not finish within the shutdown deadline")
         return finished

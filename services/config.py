@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 from services.models import MODELS, ModelSpec
+from services.watchdog import MIN_TIMEOUT as MIN_WATCHDOG_TIMEOUT
 
 # Field values that mean "this model's default, from the registry". Neither can come
 # from the command line or the environment: ports and seconds parse as 0 or more.
@@ -104,6 +105,12 @@ class Config:
             or (self.stack_size >= MIN_STACK_SIZE and self.stack_size % PAGE_SIZE == 0),
             "--stack-size",
             f"must be 0 (system default) or a multiple of {PAGE_SIZE} of at least {MIN_STACK_SIZE}",
+        )
+        _check(
+            self.watchdog_timeout is None or self.watchdog_timeout >= MIN_WATCHDOG_TIMEOUT,
+            "--watchdog-timeout",
+            f"must be 0 (off) or at least {MIN_WATCHDOG_TIMEOUT:g} s (the accept loop "
+            "reports once a second, and a back-off can add a second)",
         )
         if self.watchdog_timeout is not None and self.dispatch == "connection":
             # A worker that owns a connection legitimately stalls for up to a timeout;

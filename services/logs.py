@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class RateLimitedLog:
@@ -36,3 +38,23 @@ def quietly(log_call: Callable[..., None], *args: object) -> None:
     message it could not write."""
     with contextlib.suppress(Exception):
         log_call(*args)
+
+
+def exit_now(code: int, message: str | None = None, grace: float = 1.0) -> NoReturn:
+    """End the process at once, whatever its other threads hold or wait for.
+
+    `message` is logged as critical and the logs flushed, from a helper thread given
+    `grace` seconds: if stderr is a pipe nobody reads, a log call blocks on the handler's
+    lock for good, and an exit path must not wait on that.
+    """
+
+    def last_words() -> None:
+        if message:
+            logging.getLogger("echo").critical("%s", message)
+        logging.shutdown()
+
+    with contextlib.suppress(Exception):  # no thread to be had: exit without last words
+        helper = threading.Thread(target=last_words, name="echo-last-words", daemon=True)
+        helper.start()
+        helper.join(grace)
+    os._exit(code)

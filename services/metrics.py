@@ -118,6 +118,11 @@ class EchoCollector(Collector):
             yield _gauge(
                 "watchdog_tripped", "1 once a hang was detected.", int(self._watchdog.tripped)
             )
+            yield _counter(
+                "watchdog_freezes",
+                "Times the process was found to have been stopped (clocks restarted, no trip).",
+                self._watchdog.freezes,
+            )
 
 
 def os_thread_count() -> int:
