@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from services import preflight
 from services.base import PortInUseError, Server
 from services.config import Config, ConfigError, parse_config
 from services.launcher import write_ready_file
@@ -153,6 +154,7 @@ def _install_signal_handlers(server: Server) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
+        preflight.check(config)
     except ConfigError as error:
         print(f"python -m services: error: {error}", file=sys.stderr)
         return 2

@@ -50,3 +50,28 @@ def thread_count(pid: Pid = "self") -> int | None:
         return status(pid)["Threads"]
     except (OSError, KeyError):
         return None
+
+
+def pid_limit(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """The most tasks (processes and threads) this process's cgroup may hold: `pids.max`
+    of cgroup v2, or of v1's pids controller; None where there is no such limit."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base = cgroup_root  # v2: the unified hierarchy
+        elif "pids" in controllers.split(","):
+            base = cgroup_root / "pids"
+        else:
+            continue
+        # A container usually sees its own cgroup at the mount's root, whatever the path says.
+        for directory in (base / path.lstrip("/"), base):
+            with contextlib.suppress(OSError, ValueError):
+                value = (directory / "pids.max").read_text().strip()
+                return None if value == "max" else int(value)
+    return None

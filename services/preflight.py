@@ -1,0 +1,81 @@
+"""Checks of this machine's limits against a configuration, before anything starts.
+
+What would otherwise end in a traceback at start-up, or in a crash-and-restart loop
+under a supervisor, ends in one line and exit status 2: a thread stack the platform
+refuses (glibc on aarch64 wants at least 128 KiB), a pool with more workers than the
+pid limit allows threads, or one that cannot hold a connection per worker within the
+descriptor limit.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services import procfs
+from services.config import Config, ConfigError
+
+# Besides the workers: main, metrics, watchdog and exit helper threads, and a healthcheck.
+RESERVED_TASKS = 8
+# Besides connections: stdio, the listener, the loop's selector and wake-up pair, the
+# metrics listener, selector and wake-up pair, the ready file, and a margin.
+RESERVED_DESCRIPTORS = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    descriptors: int | None  # RLIMIT_NOFILE (soft); None for no limit
+    tasks: int | None  # threads the process may have: cgroup pids.max, RLIMIT_NPROC
+
+    @classmethod
+    def here(cls) -> Limits:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        tasks = [procfs.pid_limit()]
+        nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        if os.geteuid() != 0:  # root is not held to RLIMIT_NPROC
+            tasks.append(None if nproc == resource.RLIM_INFINITY else nproc)
+        known = [limit for limit in tasks if limit is not None]
+        return cls(
+            descriptors=None if nofile == resource.RLIM_INFINITY else nofile,
+            tasks=min(known) if known else None,
+        )
+
+
+def check(
+    config: Config,
+    limits: Limits | None = None,
+    set_stack_size: Callable[[int], int] = threading.stack_size,
+) -> None:
+    """Raise `ConfigError` (naming the flag) if this machine cannot run `config`."""
+    limits = Limits.here() if limits is None else limits
+    if not config.bounded and config.stack_size:
+        _check_stack_size(config.stack_size, set_stack_size)
+    if not config.bounded:
+        return  # one thread per connection: running out is what this model demonstrates
+    needed = config.workers + RESERVED_TASKS
+    if limits.tasks is not None and needed > limits.tasks:
+        raise ConfigError(
+            f"--workers: {config.workers} workers need {needed} threads, over this "
+            f"machine's limit of {limits.tasks} (the cgroup's pids.max or ulimit -u)"
+        )
+    # With connection dispatch each worker holds a connection's descriptor.
+    held = config.workers if config.dispatch == "connection" else 1
+    needed = held + RESERVED_DESCRIPTORS
+    if limits.descriptors is not None and needed > limits.descriptors:
+        flag = "--workers" if held > 1 else "the descriptor limit"
+        raise ConfigError(
+            f"{flag}: needs at least {needed} file descriptors, over this process's "
+            f"limit of {limits.descriptors} (ulimit -n)"
+        )
+
+
+def _check_stack_size(size: int, set_stack_size: Callable[[int], int]) -> None:
+    try:
+        set_stack_size(set_stack_size(size))  # try it, then put the old size back
+    except ValueError:
+        raise ConfigError(
+            f"--stack-size: {size} bytes is below this platform's minimum thread stack"
+        ) from None

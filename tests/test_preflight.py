@@ -1,0 +1,99 @@
+"""Start-up checks of the machine's limits: a configuration this machine cannot run is
+one line and exit 2, before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services import preflight, procfs
+from services.config import Config, ConfigError
+from services.preflight import RESERVED_DESCRIPTORS, RESERVED_TASKS, Limits
+from support import ROOT
+
+ROOMY = Limits(descriptors=65536, tasks=None)
+
+
+def test_more_workers_than_the_pid_limit_allows_is_refused() -> None:
+    config = Config(model="queue", workers=300)
+    with pytest.raises(ConfigError, match=r"--workers: 300 workers need 308 threads.* 256"):
+        preflight.check(config, Limits(descriptors=65536, tasks=256))
+    preflight.check(Config(model="queue", workers=256 - RESERVED_TASKS), Limits(65536, 256))
+
+
+def test_the_unbounded_model_is_not_held_to_the_pid_limit() -> None:
+    # Running into it is what the threads model is there to show.
+    preflight.check(Config(model="threads"), Limits(descriptors=65536, tasks=16))
+
+
+def test_connection_dispatch_needs_a_descriptor_per_worker() -> None:
+    limits = Limits(descriptors=64, tasks=None)
+    workers = 64 - RESERVED_DESCRIPTORS
+    preflight.check(Config(model="executor", dispatch="connection", workers=workers), limits)
+    with pytest.raises(ConfigError, match=r"--workers: needs at least 65 file descriptors.*64"):
+        preflight.check(
+            Config(model="executor", dispatch="connection", workers=workers + 1), limits
+        )
+    # Waiting in the loop, a worker holds no descriptor of its own.
+    preflight.check(Config(model="executor", dispatch="ready", workers=workers + 1), limits)
+
+
+def test_a_stack_size_the_platform_refuses_is_refused_up_front() -> None:
+    def platform_minimum_128k(size: int) -> int:
+        if 0 < size < 128 * 1024:
+            raise ValueError("size not valid")
+        return 0
+
+    with pytest.raises(ConfigError, match="--stack-size: 65536 bytes is below this platform"):
+        preflight.check(Config(model="threads"), ROOMY, platform_minimum_128k)
+    preflight.check(Config(model="threads", stack_size=128 * 1024), ROOMY, platform_minimum_128k)
+
+
+def test_a_stack_size_check_puts_the_previous_size_back() -> None:
+    sizes = [0]
+
+    def record(size: int) -> int:
+        previous, sizes[0] = sizes[0], size
+        return previous
+
+    preflight.check(Config(model="threads"), ROOMY, record)
+    assert sizes == [0]
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "expected"),
+    [
+        ("0::/\n", {"pids.max": "256\n"}, 256),  # v2, a container's own namespace
+        ("0::/user.slice/a\n", {"user.slice/a/pids.max": "4096\n"}, 4096),  # v2, a host
+        ("0::/\n", {}, None),  # v2 root: no limit file
+        ("0::/x\n", {"x/pids.max": "max\n"}, None),
+        ("8:pids:/docker/abc\n0::/\n", {"pids/pids.max": "256\n"}, 256),  # v1, in a container
+        ("8:pids:/\n1:cpu:/\n", {}, None),  # v1 host root
+    ],
+)
+def test_the_pid_limit_is_read_from_cgroup_v1_or_v2(
+    membership: str, files: dict[str, str], expected: int | None, tmp_path: Path
+) -> None:
+    (tmp_path / "cgroup").write_text(membership)
+    root = tmp_path / "fs"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    assert procfs.pid_limit(root, tmp_path / "cgroup") == expected
+
+
+def test_a_descriptor_limit_too_low_for_the_pool_is_one_line_and_exit_2() -> None:
+    result = subprocess.run(
+        [
+            "bash", "-c",
+            f"ulimit -n 20 && exec {sys.executable} -m services --model queue "
+            "--dispatch connection --workers 8 --port 0 --metrics-port 0",
+        ],
+        check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--workers: needs at least 24 file descriptors" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
