@@ -30,6 +30,7 @@ log = logging.getLogger("echo.server")
 # descriptors or memory; retrying at once would spin a core, so back off.
 _EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_FIRST = 0.01
+_BACKOFF_FIRST_OTHER = 0.001  # any other error (it may not repeat)
 _BACKOFF_MAX = 1.0
 _ACCEPT_BATCH = 64  # accepts per wake-up, so the loop still notices a stop request
 _TICK = 1.0  # the accept loop wakes at least this often (watchdog heartbeat)
@@ -274,15 +275,17 @@ class Server(ABC):
         return 0.0
 
     def _accept_failed(self, code: int, backoff: float) -> float:
+        """Count a failed accept() and return the back-off before the next try. Every
+        error backs off: out of descriptors or memory, retrying at once would spin a
+        core, and so would any error that repeats (EPERM from a firewall or seccomp
+        policy, say). One that does not repeat (a peer that gave up, ECONNABORTED) costs
+        a millisecond, and the next accept that succeeds ends the back-off."""
         name = errno.errorcode.get(code, str(code))
         self.stats.accept_errors.incr(name)
-        if code in _EXHAUSTION:
-            backoff = min(max(backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
-            self._warn.warning("accept failed with %s; backing off %.2f s", name, backoff)
-            return backoff
-        # The peer gave up before we accepted (ECONNABORTED and the like): not our problem.
-        log.debug("accept failed with %s", name)
-        return 0.0
+        first = _BACKOFF_FIRST if code in _EXHAUSTION else _BACKOFF_FIRST_OTHER
+        backoff = min(max(backoff * 2, first), _BACKOFF_MAX)
+        self._warn.warning("accept failed with %s; backing off %.3f s", name, backoff)
+        return backoff
 
     def _admit(self, conn: socket.socket) -> None:
         capacity = self.capacity
