@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import client, locks, memory
+from bench import burst, client, locks, memory
 from bench.servers import compile_c, model_command, pin, placement, started
 from services.launcher import ServerProcess
 from services.models import MODELS
@@ -290,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     capacities = stack_capacities(quick)
     print("== counters", file=sys.stderr)
     lock_results = locks.run(100_000 if quick else 400_000)
+    print("== executor wake-up on a burst", file=sys.stderr)
+    burst_result = burst.run(rounds)
 
     print(
         f"\n== echo cluster bench ({'quick' if quick else 'full'}: {rounds} rounds x {seconds:g} s;"
@@ -299,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_throughput(data))
     print(format_memory(costs, capacities))
     print(format_locks(lock_results))
+    print(burst.format_burst(burst_result))
     report = {
         "quick": quick,
         "rounds": rounds,
@@ -314,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "capacity_under_as_limit": [asdict(c) for c in capacities],
         "locks": [asdict(r) | {"lost": r.lost} for r in lock_results],
+        "burst": asdict(burst_result) | {"ratios": burst_result.ratios},
         "elapsed_seconds": time.monotonic() - started_at,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

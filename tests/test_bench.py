@@ -76,6 +76,10 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
     small, default = report["capacity_under_as_limit"]
     assert small["held"] > default["held"] > 0
     assert {row["strategy"] for row in report["locks"]} >= {"SharedCounter (Lock)", "unlocked +="}
+    burst = report["burst"]
+    assert len(burst["stock_seconds"]) == len(burst["prompt_seconds"]) == len(burst["ratios"]) == 3
+    assert all(seconds > 0 for seconds in burst["stock_seconds"] + burst["prompt_seconds"])
+    assert "burst of 64 jobs to idle workers" in result.stdout
 
 
 def test_locked_counters_lose_nothing() -> None:

@@ -7,13 +7,11 @@ import contextlib
 import os
 import socket
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from services.config import Config
 from services.echo import echo
-from services.models.executor import _PromptExecutor
 from support import (
     connect,
     echo_once,
@@ -141,63 +139,10 @@ def test_executor_starts_every_worker_before_the_first_connection() -> None:
         assert len([t for t in threading.enumerate() if t.name.startswith("echo-executor")]) == 5
 
 
-def _burst_pickup_seconds(executor_class: type[ThreadPoolExecutor], workers: int = 64) -> float:
-    """Seconds for idle, already started workers to pick up a burst of `workers` jobs
-    while other threads keep handing the GIL around (as busy connections do)."""
-    pool = executor_class(max_workers=workers, thread_name_prefix="burst", initializer=lambda: None)
-    everyone = threading.Barrier(workers + 1)
-    for _ in range(workers):
-        pool.submit(everyone.wait, 30)
-    everyone.wait(30)
-    stop, hold = threading.Event(), threading.Event()
-
-    def churn() -> None:
-        a, b = socket.socketpair()
-        with a, b:
-            while not stop.is_set():
-                a.send(b"x")
-                b.recv(1)
-
-    churners = [threading.Thread(target=churn) for _ in range(8)]
-    started: list[float] = []
-
-    def job() -> None:
-        started.append(time.monotonic())
-        hold.wait(60)
-
-    try:
-        for thread in churners:
-            thread.start()
-        submitted = time.monotonic()
-        for _ in range(workers):
-            pool.submit(job)
-        wait_until(lambda: len(started) == workers, what="every job to start")
-        return max(started) - submitted
-    finally:
-        hold.set()
-        stop.set()
-        for thread in churners:
-            thread.join(30)
-        pool.shutdown()
-
-
-def test_executor_wakes_idle_workers_for_a_burst_together_not_one_after_another() -> None:
-    # On one CPU, the stock executor's SimpleQueue wakes one waiting worker at a time,
-    # each once the previous one has had its turn at the GIL (seconds for 64 jobs here).
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(before)})  # threads started from here on inherit it
-    try:
-        ratios = [
-            _burst_pickup_seconds(ThreadPoolExecutor) / _burst_pickup_seconds(_PromptExecutor)
-            for _ in range(3)
-        ]
-    finally:
-        os.sched_setaffinity(0, before)
-    assert sorted(ratios)[1] >= 3, ratios  # the median; 50-130x measured here
-
-
 def test_threads_model_has_no_timeouts_by_default() -> None:
-    with running("threads", idle_timeout=None) as server:
+    assert Config(model="threads").idle_timeout is None
+    assert Config(model="threads").send_timeout is None
+    with running("threads") as server:  # the model's defaults: nothing overridden
         assert server.service.config.idle_timeout is None
         with connect(server.address) as idle:
             wait_until(lambda: server.stats.busy.value == 1, what="the idle connection's thread")
