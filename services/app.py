@@ -12,7 +12,7 @@ from types import FrameType
 
 from services import preflight
 from services.base import PortInUseError, Server
-from services.config import Config, ConfigError, parse_config
+from services.config import Config, ConfigError, one_line, parse_config
 from services.launcher import write_ready_file
 from services.logs import exit_now
 from services.metrics import build_registry
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = parse_config(argv)
         preflight.check(config)
     except ConfigError as error:
-        print(f"python -m services: error: {error}", file=sys.stderr)
+        print(f"python -m services: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     # Log records would otherwise call threading.current_thread(), which leaves a
     # never-freed dummy Thread behind for every `_thread` connection thread.

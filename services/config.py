@@ -172,7 +172,13 @@ class OneLineParser(argparse.ArgumentParser):
     """Argument errors as one line and exit 2, never a usage dump or a traceback."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped: a value given as input can hold a newline
+    or a carriage return, and an error message quoting it must stay one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -236,7 +236,11 @@ def test_reconnecting_floods_the_ready_pools_hold_and_threads_does_not(stack: No
             for series in result
         }
 
-    wait_until(lambda: time.time() > ended + 5, what="a last scrape")  # scrapes every 2 s
+    def scraped_since(moment: float) -> bool:
+        result = prometheus("/api/v1/query", query='min(timestamp(up{job="echo"}))')["data"]
+        return bool(result["result"]) and float(result["result"][0]["value"][1]) > moment
+
+    wait_until(lambda: scraped_since(ended), what="every target scraped after the floods")
     threads_seen = peak("echo_threads")
     assert threads_seen["executor"] < 60 and threads_seen["queue"] < 60, threads_seen
     assert threads_seen["threads"] > 200, threads_seen
