@@ -39,7 +39,7 @@ env_values = st.one_of(
     .map(lambda raw: raw.decode("utf-8", "surrogateescape")),
 )
 # Mostly a valid model first, so that the rest gets past the first check.
-model = st.one_of(
+model: st.SearchStrategy[list[str]] = st.one_of(
     st.sampled_from(["executor", "queue", "threads"]).map(lambda name: ["--model", name]),
     st.just([]),
 )
