@@ -32,19 +32,24 @@ BENCH_ARGS ?=
 
 # How the bounded pools take connections: ready (default) or connection (the recipe's).
 DISPATCH ?=
+# make page-shot: where the screenshot goes, and how tall the window is.
+SHOT ?= docs/img/page-during-flood.png
+SHOT_HEIGHT ?= 3200
 
-# Containers. Pinned upstream images come from .env; OFFLINE=1 (or ECHO_OFFLINE=1)
-# builds the base images from Debian's packages instead, for machines with no registry.
+# Containers. The images build on the pinned upstream base images (.env) where they
+# can be had, present or pullable, and otherwise on base images built here from
+# Debian's packages (docker/base-source.sh decides, in a few seconds, and says so).
+# OFFLINE=1 (or ECHO_OFFLINE=1) forces the Debian path, OFFLINE=0 the upstream one.
 include .env
 OFFLINE ?= $(ECHO_OFFLINE)
 PROJECT ?= echo-cluster
 UP_TIMEOUT ?= 240
-TARGETS_PAGE := http://127.0.0.1:9090/targets
 ifeq ($(OFFLINE),1)
-PYTHON_IMAGE := echo-cluster/python-base:bookworm
-PROMETHEUS_IMAGE := echo-cluster/prometheus-base:bookworm
-# Debian's Prometheus 2.42 ships the classic UI only.
-TARGETS_PAGE := http://127.0.0.1:9090/classic/targets
+BASE_PYTHON := echo-cluster/python-base:bookworm
+BASE_PROMETHEUS := echo-cluster/prometheus-base:bookworm
+else
+BASE_PYTHON := $(PYTHON_IMAGE)
+BASE_PROMETHEUS := $(PROMETHEUS_IMAGE)
 endif
 # Compose v2 (`docker compose`) where there is one, else v1 (`docker-compose`).
 COMPOSE_BIN := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || \
@@ -53,7 +58,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast lint fmt up-local load load-ui flood flood-limit bench images engine up down ps logs clean
+.PHONY: help venv test test-fast lint fmt up-local load load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -105,8 +110,12 @@ bench: venv ## Throughput, latency, memory and counters of each model vs asyncio
 	$(PY) -m bench $(if $(filter 1,$(QUICK)),--quick) --json $(REPORTS)/bench.json \
 		--chart $(REPORTS)/bench.png $(BENCH_ARGS)
 
-images: venv ## Build the echo and Prometheus images (OFFLINE=1: from Debian packages, no registry)
+images: venv ## Build the echo and Prometheus images (on upstream bases, or Debian-built ones without a registry)
 	$(NEED_ENGINE)
+	@offline=$$(bash docker/base-source.sh "$(OFFLINE)" $(PYTHON_IMAGE) $(PROMETHEUS_IMAGE)) && \
+		$(MAKE) --no-print-directory build-images OFFLINE=$$offline
+
+build-images:
 ifeq ($(OFFLINE),1)
 	bash docker/offline-base.sh python
 	bash docker/offline-base.sh prometheus
@@ -114,12 +123,10 @@ endif
 	@rm -rf build/image/site && mkdir -p build/image/site
 	@# prometheus-client is pure Python: stage the copy the venv runs, so the build fetches nothing.
 	cp -r "$$($(PY) -c 'import os, prometheus_client as p; print(os.path.dirname(p.__file__))')" build/image/site/
-	docker build -q -f docker/echo.Dockerfile --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) \
-		-t echo-cluster/echo:latest . || { echo "make images: could not build on \
-$(PYTHON_IMAGE); without a registry use: make images OFFLINE=1" >&2; exit 1; }
-	docker build -q -f docker/prometheus.Dockerfile --build-arg PROMETHEUS_IMAGE=$(PROMETHEUS_IMAGE) \
-		-t echo-cluster/prometheus:latest . || { echo "make images: could not build on \
-$(PROMETHEUS_IMAGE); without a registry use: make images OFFLINE=1" >&2; exit 1; }
+	docker build -q -f docker/echo.Dockerfile --build-arg PYTHON_IMAGE=$(BASE_PYTHON) \
+		-t echo-cluster/echo:latest . || { echo "make images: could not build on $(BASE_PYTHON)" >&2; exit 1; }
+	docker build -q -f docker/prometheus.Dockerfile --build-arg PROMETHEUS_IMAGE=$(BASE_PROMETHEUS) \
+		-t echo-cluster/prometheus:latest . || { echo "make images: could not build on $(BASE_PROMETHEUS)" >&2; exit 1; }
 
 engine:
 	$(NEED_ENGINE)
@@ -129,7 +136,23 @@ up: engine images ## Start the stack (3 servers + Prometheus) and wait until eve
 	DISPATCH=$(DISPATCH) $(COMPOSE) up -d --no-build
 	@bash docker/wait-healthy.sh $(UP_TIMEOUT) $(PROJECT)
 	@$(PY) -m services.models
-	@echo "  prometheus http://127.0.0.1:9090  (targets: $(TARGETS_PAGE))"
+	@echo "  prometheus http://127.0.0.1:9090"
+	@echo "  the three models side by side (make page):"
+	@echo "    $$($(PY) -m services.dashboard)"
+
+page: venv ## Print the address of the Prometheus page that shows the three models side by side
+	@$(PY) -m services.dashboard
+
+page-shot: venv ## Screenshot that page with headless Chromium (SHOT=docs/img/...png; installs Debian's chromium as root)
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+		echo "page-shot: installing chromium" && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		{ echo "page-shot: needs chromium (Debian's package)" >&2; exit 1; }
+	@mkdir -p $(dir $(SHOT))
+	@# --virtual-time-budget: let the page's scripts query and draw before the shot.
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,$(SHOT_HEIGHT) \
+		--virtual-time-budget=20000 --screenshot=$(SHOT) "$$($(PY) -m services.dashboard)" 2>/dev/null
+	@echo "page-shot: wrote $(SHOT)"
 
 down: ## Stop the stack and remove its containers, network and volume
 	$(NEED_ENGINE)

@@ -19,6 +19,7 @@ import pytest
 
 from loadtest.attacks import SCENARIOS
 from loadtest.flood import RunSettings, Target, flood
+from services.dashboard import PANELS
 from services.models import MODELS
 from support import ROOT, echo_once, wait_until
 
@@ -257,3 +258,37 @@ def test_make_down_leaves_nothing_behind(stack: None) -> None:
     assert run("docker", "ps", "-aq", "--filter", label).stdout.split() == []
     assert run("docker", "network", "ls", "-q", "--filter", label).stdout.split() == []
     assert run("docker", "volume", "ls", "-q", "--filter", label).stdout.split() == []
+
+
+def test_the_page_shows_every_panel_for_all_three_models(stack: None) -> None:
+    page = run("make", "--no-print-directory", "page")
+    assert page.returncode == 0, page.stderr
+    url = page.stdout.strip()
+    assert url.startswith("http://127.0.0.1:9090/")
+    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (checked above)
+        assert response.status == 200
+    for panel in PANELS:
+
+        def models(expr: str = panel.expr) -> set[str]:
+            result = prometheus("/api/v1/query", query=expr)["data"]["result"]
+            return {series["metric"].get("model", "") for series in result}
+
+        wait_until(
+            lambda: models() >= set(PORTS),
+            timeout=60,
+            what=f"{panel.title!r} to show all three models",
+        )
+
+
+UNPULLABLE = "echo-cluster.invalid/unpullable:never"
+
+
+def test_make_up_builds_on_debian_bases_when_a_base_image_cannot_be_had(stack: None) -> None:
+    up = run("make", "--no-print-directory", "up", f"PYTHON_IMAGE={UNPULLABLE}")
+    assert up.returncode == 0, up.stderr[-3000:]
+    said = [line for line in up.stderr.splitlines() if UNPULLABLE in line]
+    assert said == [
+        f"make images: {UNPULLABLE} cannot be had here (no registry answers); building the "
+        "base images from Debian's packages instead (OFFLINE=1)"
+    ], up.stderr
+    assert "the three models side by side" in up.stdout
