@@ -34,7 +34,7 @@ BENCH_ARGS ?=
 DISPATCH ?=
 # make page-shot: where the screenshot goes, and how tall the window is.
 SHOT ?= docs/img/page-during-flood.png
-SHOT_HEIGHT ?= 3200
+SHOT_HEIGHT ?= 6000
 
 # Containers. The images build on the pinned upstream base images (.env) where they
 # can be had, present or pullable, and otherwise on base images built here from
