@@ -17,6 +17,17 @@ PROCESSES ?= -1
 REPORTS ?= reports
 LOAD_ARGS ?=
 LOCUST := $(VENV)/bin/locust -f loadtest/locustfile.py
+# make load-master / load-worker: locust's own distributed mode, over hosts. The master
+# listens for workers on MASTER_BIND:MASTER_PORT (0.0.0.0 to let other hosts in), waits
+# up to 120 s for EXPECT_WORKERS of them, and serves the load's metrics on
+# LOAD_METRICS_PORT; a worker finds its master at MASTER (host[:port]).
+EXPECT_WORKERS ?= 2
+MASTER_BIND ?= 127.0.0.1
+MASTER_PORT ?= 5557
+MASTER ?= 127.0.0.1:$(MASTER_PORT)
+LOAD_METRICS_PORT ?= 9646
+LOAD_REPORTS = --only-summary --csv $(REPORTS)/load --html $(REPORTS)/load.html \
+	--summary-json $(REPORTS)/load-summary.json
 
 # make flood: scenarios (comma-separated or all), connections held, seconds of attack
 # per run (judged from 5 s in to the end), extra flags (e.g. --polite).
@@ -35,6 +46,14 @@ DISPATCH ?=
 # make page-shot: where the screenshot goes, and how tall the window is.
 SHOT ?= docs/img/page-during-flood.png
 SHOT_HEIGHT ?= 6000
+
+# The images' Python (Debian bookworm's, and the pinned upstream one), for the wheels
+# staged into the locust image.
+IMAGE_PYTHON := 3.11
+ARCH := $(shell uname -m)
+WHEEL_TAGS := manylinux2014 manylinux_2_28 manylinux_2_31 manylinux_2_34 manylinux_2_36
+# make load-cluster: load workers in containers, and what they run.
+WORKERS ?= 2
 
 # Containers. The images build on the pinned upstream base images (.env) where they
 # can be had, present or pullable, and otherwise on base images built here from
@@ -58,7 +77,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast lint fmt up-local load load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
+.PHONY: help venv test test-fast lint fmt up-local load load-master load-worker load-cluster load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -92,8 +111,24 @@ up-local: venv ## Run every model's server on loopback until Ctrl-C (DISPATCH=co
 load: venv ## Headless locust run against all three (USERS=90 DURATION=30s); verifies every byte
 	@mkdir -p $(REPORTS)
 	$(LOCUST) --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) --processes $(PROCESSES) \
-		--only-summary --csv $(REPORTS)/load --html $(REPORTS)/load.html \
-		--summary-json $(REPORTS)/load-summary.json $(LOAD_ARGS)
+		$(LOAD_REPORTS) $(LOAD_ARGS)
+
+load-master: venv ## The same run from workers on this or other hosts (EXPECT_WORKERS=2; see README)
+	@mkdir -p $(REPORTS)
+	$(LOCUST) --master --master-bind-host $(MASTER_BIND) --master-bind-port $(MASTER_PORT) \
+		--expect-workers $(EXPECT_WORKERS) --expect-workers-max-wait 120 \
+		--headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
+		--load-metrics-port $(LOAD_METRICS_PORT) $(LOAD_REPORTS) $(LOAD_ARGS)
+
+load-worker: venv ## A locust worker for a master elsewhere (MASTER=host[:port])
+	$(LOCUST) --worker --master-host $(word 1,$(subst :, ,$(MASTER))) \
+		--master-port $(or $(word 2,$(subst :, ,$(MASTER))),5557) $(LOAD_ARGS)
+
+load-cluster: engine ## The load run from WORKERS=2 locust workers in containers (needs make up); reports in reports/
+	@test -n "$(COMPOSE_BIN)" || { echo "make load-cluster: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
+	@mkdir -p $(REPORTS)
+	@LOAD_WORKERS=$(WORKERS) LOAD_USERS=$(USERS) LOAD_SPAWN_RATE=$(SPAWN_RATE) LOAD_DURATION=$(DURATION) \
+		LOAD_ARGS='$(LOAD_ARGS)' bash docker/load-cluster.sh "$(COMPOSE)" $(WORKERS) $(REPORTS) $(PROJECT)
 
 load-ui: venv ## locust's web UI on http://127.0.0.1:8089 with the same users
 	$(LOCUST) --web-host 127.0.0.1 --web-port 8089 $(LOAD_ARGS)
@@ -127,6 +162,13 @@ endif
 		-t echo-cluster/echo:latest . || { echo "make images: could not build on $(BASE_PYTHON)" >&2; exit 1; }
 	docker build -q -f docker/prometheus.Dockerfile --build-arg PROMETHEUS_IMAGE=$(BASE_PROMETHEUS) \
 		-t echo-cluster/prometheus:latest . || { echo "make images: could not build on $(BASE_PROMETHEUS)" >&2; exit 1; }
+	@# locust and its dependencies, as wheels for the images' Python (the venv's versions).
+	@rm -rf build/locust && mkdir -p build/locust/site build/locust/reports
+	$(PY) -m pip install --quiet --target build/locust/site --only-binary=:all: \
+		--implementation cp --python-version $(IMAGE_PYTHON) $(foreach tag,$(WHEEL_TAGS),--platform $(tag)_$(ARCH)) \
+		$$($(PY) -c 'from importlib.metadata import version as v; print("locust==" + v("locust"), "prometheus-client==" + v("prometheus-client"))')
+	docker build -q -f docker/locust.Dockerfile --build-arg PYTHON_IMAGE=$(BASE_PYTHON) \
+		-t echo-cluster/locust:latest . || { echo "make images: could not build on $(BASE_PYTHON)" >&2; exit 1; }
 
 engine:
 	$(NEED_ENGINE)

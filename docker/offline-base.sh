@@ -15,7 +15,7 @@ REVISION=2  # bump to force a rebuild when the recipe below changes
 
 hook=true
 case "${1:-}" in
-  python) packages="python3" ;;
+  python) packages="python3,libstdc++6" ;;  # libstdc++: greenlet (locust image); apt-based images have it
   prometheus)
     packages="prometheus,wget"
     # The data directory, owned by the unprivileged user Prometheus runs as (as upstream).

@@ -10,15 +10,18 @@ concrete user per service.
 
 from __future__ import annotations
 
+import logging
 import random
+from dataclasses import replace
 from typing import Any
 
 from locust import User, events, task
 from locust.env import Environment
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from loadtest.echo_client import EchoClient, PayloadSize
-from loadtest.report import Thresholds, judge_load, service_rows, write_summary
+from loadtest.exporter import LoadExporter, cpu_limited
+from loadtest.report import LoadGenerator, Thresholds, judge_load, service_rows, write_summary
 from services.models import MODELS
 
 
@@ -32,6 +35,12 @@ def add_options(parser: Any) -> None:
         help="address of the echo servers",
     )
     for spec in MODELS.values():
+        group.add_argument(
+            f"--{spec.name}-host",
+            env_var=f"ECHO_LOAD_{spec.name.upper()}_HOST",
+            default="",
+            help=f"{spec.name} server's address, if not --echo-host (a compose service name)",
+        )
         group.add_argument(
             f"--{spec.name}-port",
             env_var=f"ECHO_LOAD_{spec.name.upper()}_PORT",
@@ -66,6 +75,20 @@ def add_options(parser: Any) -> None:
         help="fail the run above this share of failed requests (any byte mismatch always fails it)",
     )
     group.add_argument(
+        "--load-metrics-port",
+        env_var="ECHO_LOAD_METRICS_PORT",
+        type=int,
+        default=0,
+        help="serve the load's own Prometheus metrics on this port (master or lone process; "
+        "0: off)",
+    )
+    group.add_argument(
+        "--load-metrics-host",
+        env_var="ECHO_LOAD_METRICS_HOST",
+        default="127.0.0.1",
+        help="address for --load-metrics-port",
+    )
+    group.add_argument(
         "--summary-json",
         env_var="ECHO_LOAD_SUMMARY_JSON",
         default="",
@@ -82,6 +105,21 @@ def parse_range(text: str) -> tuple[float, float]:
     if not 0 <= bounds[0] <= bounds[1]:
         raise ValueError(f"{text!r}: expected 0 <= LOW <= HIGH")
     return bounds
+
+
+_exporters: dict[int, LoadExporter] = {}  # by id(environment): one per locust process
+
+
+@events.init.add_listener
+def start_exporter(environment: Environment, **_: Any) -> None:
+    exporter = _exporters[id(environment)] = LoadExporter(environment)
+    options = environment.parsed_options
+    if options is None or not options.load_metrics_port:
+        return
+    if isinstance(environment.runner, WorkerRunner):
+        return  # its counts travel to the master with each report
+    host, port = exporter.serve(options.load_metrics_host, options.load_metrics_port)
+    logging.getLogger("echo.load").info("load metrics on http://%s:%d/metrics", host, port)
 
 
 @events.test_start.add_listener
@@ -136,7 +174,8 @@ class EchoUser(User):
         super().__init__(environment)
         options = options_of(environment)
         port = getattr(options, f"{self.service}_port")
-        self.client = TimedEchoClient(environment, self.service, (options.echo_host, port))
+        host = getattr(options, f"{self.service}_host") or options.echo_host
+        self.client = TimedEchoClient(environment, self.service, (host, port))
         self._think = parse_range(options.think)
 
     def wait_time(self) -> float:
@@ -170,5 +209,17 @@ def report(environment: Environment, **_: Any) -> None:
     selected = [cls.service for cls in environment.user_classes if issubclass(cls, EchoUser)]
     rows = service_rows(environment.stats, selected)
     verdict = judge_load(rows, Thresholds(max_failure_ratio=options.max_failure_ratio))
-    write_summary(rows, verdict, options.summary_json or None)
+    exporter = _exporters.pop(id(environment), None)
+    runner = environment.runner
+    generator = LoadGenerator(cpu_limited=cpu_limited(environment))
+    if isinstance(runner, MasterRunner):
+        # Counted from their reports: at the end, workers may have left already.
+        seen = len(exporter.workers_seen) if exporter else 0
+        reporting = len(exporter.reporting_workers) if exporter else 0
+        generator = replace(
+            generator, processes=max(seen, runner.worker_count), with_requests=reporting
+        )
+    write_summary(rows, verdict, options.summary_json or None, generator)
     environment.process_exit_code = 0 if verdict.ok else 1
+    if exporter is not None:
+        exporter.stop()

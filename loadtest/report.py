@@ -104,9 +104,35 @@ def format_load_table(rows: list[ServiceRow]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(rows: list[ServiceRow], verdict: Verdict, json_path: str | None) -> None:
-    print("\n== echo load test: per service ==", file=sys.stderr)
+@dataclass(frozen=True)
+class LoadGenerator:
+    """Who made the load: locust processes (workers, or 1), how many of them reported
+    requests, and whether one passed 90% CPU (then the client limited the numbers)."""
+
+    processes: int = 1
+    with_requests: int = 1
+    cpu_limited: bool = False
+
+
+def write_summary(
+    rows: list[ServiceRow],
+    verdict: Verdict,
+    json_path: str | None,
+    generator: LoadGenerator | None = None,
+) -> None:
+    """Print the table and the verdict, and write them to `json_path` if given."""
+    generator = generator or LoadGenerator()
+    print(
+        f"\n== echo load test: per service ({generator.processes} load process(es)) ==",
+        file=sys.stderr,
+    )
     print(format_load_table(rows), file=sys.stderr)
+    if generator.cpu_limited:
+        print(
+            "note: a load generator passed 90% CPU: these numbers are limited by the client, "
+            "not the servers (add workers: make load-master / load-worker)",
+            file=sys.stderr,
+        )
     if verdict.ok:
         print("result: PASS (every echo verified byte for byte)", file=sys.stderr)
     else:
@@ -115,6 +141,9 @@ def write_summary(rows: list[ServiceRow], verdict: Verdict, json_path: str | Non
         document = {
             "ok": verdict.ok,
             "reasons": verdict.reasons,
+            "workers": generator.processes,
+            "workers_with_requests": generator.with_requests,
+            "limited_by_load_generator": generator.cpu_limited,
             "services": [asdict(row) | {"failure_ratio": row.failure_ratio} for row in rows],
         }
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

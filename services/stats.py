@@ -32,9 +32,9 @@ from services.concurrency import SharedCounter, adjust, locked, snapshot
 
 REJECT_REASONS = ("queue_full", "thread_start_failed", "out_of_memory", "dispatch_failed")
 CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown", "evicted")
-# Seconds from a connection turning readable to a worker starting on it: sub-millisecond
-# buckets, since that is where a healthy pool is (prometheus-client's start at 5 ms).
-DISPATCH_WAIT_BUCKETS = (
+# Latency buckets from 100 us: where a healthy pool's dispatch wait and a loopback echo
+# are (prometheus-client's default buckets start at 5 ms).
+SUB_MS_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 )  # fmt: skip
@@ -109,6 +109,22 @@ class Histogram:
             self._counts[index] += 1
             self._sum += value
 
+    def take(self) -> tuple[list[int], float]:
+        """The counts per bucket (the last is +Inf) and the sum, and start again from zero:
+        what a load worker sends its master with each report."""
+        with self._lock:
+            taken = (self._counts, self._sum)
+            self._counts, self._sum = [0] * (len(self.bounds) + 1), 0.0
+        return taken
+
+    def add(self, counts: list[int], total: float) -> None:
+        """Add another histogram's `take()`, over the same bounds."""
+        if len(counts) != len(self.bounds) + 1:
+            raise ValueError(f"{len(counts)} bucket counts for {len(self.bounds) + 1} buckets")
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+
     def cumulative(self) -> tuple[list[tuple[str, int]], float]:
         """[(upper bound, observations at or below it), ... ("+Inf", all)] and the sum."""
         with self._lock:
@@ -147,7 +163,8 @@ class ServerStats:
         self.writing = SharedCounter()  # parked until the client takes its echo
         self.started = SharedCounter()
         self.pending_output = SharedCounter()  # bytes of echoes the clients have not taken
-        self.dispatch_wait = Histogram(DISPATCH_WAIT_BUCKETS)
+        # Seconds from a connection turning readable to a worker starting on it.
+        self.dispatch_wait = Histogram(SUB_MS_BUCKETS)
         self.rejected = LabeledCounter(REJECT_REASONS)
         self.closed = LabeledCounter(CLOSE_REASONS)
         self.received_bytes = SharedCounter()

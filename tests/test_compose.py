@@ -13,6 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -251,15 +252,6 @@ def test_reconnecting_floods_the_ready_pools_hold_and_threads_does_not(stack: No
         assert peak("echo_thread_start_failures_total")["threads"] > 0
 
 
-def test_make_down_leaves_nothing_behind(stack: None) -> None:
-    down = run("make", "--no-print-directory", "down")
-    assert down.returncode == 0, down.stderr
-    label = f"label=com.docker.compose.project={PROJECT}"
-    assert run("docker", "ps", "-aq", "--filter", label).stdout.split() == []
-    assert run("docker", "network", "ls", "-q", "--filter", label).stdout.split() == []
-    assert run("docker", "volume", "ls", "-q", "--filter", label).stdout.split() == []
-
-
 def test_the_page_shows_every_panel_for_all_three_models(stack: None) -> None:
     page = run("make", "--no-print-directory", "page")
     assert page.returncode == 0, page.stderr
@@ -292,3 +284,41 @@ def test_make_up_builds_on_debian_bases_when_a_base_image_cannot_be_had(stack: N
         "base images from Debian's packages instead (OFFLINE=1)"
     ], up.stderr
     assert "the three models side by side" in up.stdout
+
+
+def test_the_load_profile_drives_all_three_from_two_workers_in_containers(
+    stack: None, tmp_path: Path
+) -> None:
+    started = time.time()
+    result = run(
+        "make", "--no-print-directory", "load-cluster", "WORKERS=2", "USERS=30",
+        "DURATION=15s", f"REPORTS={tmp_path}", timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "load-summary.json").read_text())
+    assert summary["ok"] is True, summary["reasons"]
+    assert summary["workers"] == 2 and summary["workers_with_requests"] == 2, summary
+    rows = {row["service"]: row for row in summary["services"]}
+    assert set(rows) == set(PORTS)
+    assert all(row["echoes"] > 0 and not row["failures"] for row in rows.values()), rows
+    assert (tmp_path / "load.html").exists()
+    assert "2 load process(es)" in result.stdout
+    # Prometheus scraped the master while it ran: offered load per model, beside served.
+    window = f"{int(time.time() - started) + 10}s"
+    offered = instant(f"max_over_time(model:echo_load_requests:rate1m[{window}])")
+    assert set(offered) >= set(PORTS) and all(v > 0 for v in offered.values()), offered
+    # Nothing of the profile is left.
+    for service in ("locust-master", "locust-worker"):
+        label = f"label=com.docker.compose.service={service}"
+        assert run("docker", "ps", "-aq", "--filter", label).stdout.split() == []
+    volumes = run("docker", "volume", "ls", "-q").stdout.split()
+    assert f"{PROJECT}_load-reports" not in volumes
+
+
+def test_make_down_leaves_nothing_behind(stack: None) -> None:
+    down = run("make", "--no-print-directory", "down")
+    assert down.returncode == 0, down.stderr
+    label = f"label=com.docker.compose.project={PROJECT}"
+    assert run("docker", "ps", "-aq", "--filter", label).stdout.split() == []
+    assert run("docker", "network", "ls", "-q", "--filter", label).stdout.split() == []
+    assert run("docker", "volume", "ls", "-q", "--filter", label).stdout.split() == []

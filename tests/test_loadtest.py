@@ -199,7 +199,7 @@ def test_make_load_against_up_local_lists_all_three_services(tmp_path: Path) -> 
         log.close()
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout + result.stderr
-    table = output[output.index("== echo load test: per service ==") :]
+    table = output[output.index("== echo load test: per service (") :]
     for model in MODELS:
         assert f"\n{model} " in table
     assert (tmp_path / "reports" / "load.html").exists()

@@ -1,0 +1,118 @@
+"""locust's own master/worker engine: `make load-master` with two `make load-worker`
+processes on loopback, and the load's metrics the master exports meanwhile."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from locust.env import Environment
+
+from loadtest.exporter import REPORT_KEY, LoadExporter
+from services.metrics import metric, scrape
+from services.models import MODELS
+from support import ROOT, running, wait_until
+
+Scraped = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def make(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["make", "--no-print-directory", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_make_load_master_with_two_workers_completes_a_run(tmp_path: Path) -> None:
+    master_port, metrics_port = free_port(), free_port()
+    with contextlib.ExitStack() as stack:
+        ports = {m: stack.enter_context(running(m, log_level="INFO")).address[1] for m in MODELS}
+        targets = " ".join(f"--{m}-port {ports[m]}" for m in MODELS) + " --think 0.01-0.05"
+        master = make(
+            "load-master",
+            f"MASTER_PORT={master_port}",
+            f"LOAD_METRICS_PORT={metrics_port}",
+            "EXPECT_WORKERS=2",
+            "USERS=6",
+            "SPAWN_RATE=6",
+            "DURATION=6s",
+            f"REPORTS={tmp_path}",
+            f"LOAD_ARGS={targets}",
+        )
+        workers = [
+            make("load-worker", f"MASTER=127.0.0.1:{master_port}", f"LOAD_ARGS={targets}")
+            for _ in range(2)
+        ]
+        try:
+            address = ("127.0.0.1", metrics_port)
+            scraped = wait_until(
+                lambda: _requests_seen(address), what="the master to export requests"
+            )
+            assert metric(scraped, "echo_load_workers") == 2
+            output, _ = master.communicate(timeout=120)
+            assert master.returncode == 0, output
+            for worker in workers:
+                worker.wait(60)
+        finally:
+            for process in (master, *workers):
+                process.kill()
+                process.communicate(timeout=30)
+    summary = json.loads((tmp_path / "load-summary.json").read_text())
+    assert summary["ok"] is True and summary["workers"] == 2
+    assert summary["workers_with_requests"] == 2
+    rows = {row["service"]: row for row in summary["services"]}
+    assert set(rows) == set(MODELS)
+    assert all(row["echoes"] > 0 and not row["failures"] for row in rows.values()), rows
+    assert "(2 load process(es))" in output
+
+
+def _requests_seen(address: tuple[str, int]) -> Scraped | None:
+    try:
+        scraped = scrape(address, timeout=2.0)
+    except OSError:
+        return None
+    seen = [metric(scraped, "echo_load_requests_total", service=m, kind="echo") for m in MODELS]
+    return scraped if all(seen) else None
+
+
+def test_the_exporter_adds_up_what_workers_report() -> None:
+    # Two workers' histograms travel in their reports and add up at the master.
+    worker_a, worker_b, master = (LoadExporter(Environment()) for _ in range(3))
+    for exporter, times in ((worker_a, [0.3, 0.3, 40.0]), (worker_b, [2.0])):
+        for ms in times:
+            exporter.environment.events.request.fire(  # type: ignore[no-untyped-call]
+                request_type="echo", name="queue", response_time=ms, response_length=1,
+                exception=None, context={},
+            )  # fmt: skip
+    for worker in (worker_a, worker_b):
+        report: dict[str, Any] = {}
+        events = worker.environment.events, master.environment.events
+        events[0].report_to_master.fire(client_id="w", data=report)  # type: ignore[no-untyped-call]
+        events[1].worker_report.fire(client_id="w", data=report)  # type: ignore[no-untyped-call]
+        assert REPORT_KEY in report
+    (family,) = master.histograms.families()
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert samples["echo_load_response_seconds_count", None] == 4
+    assert samples["echo_load_response_seconds_bucket", "0.0005"] == 2  # the two 0.3 ms
+    assert samples["echo_load_response_seconds_bucket", "0.0025"] == 3  # and 2 ms
+    assert samples["echo_load_response_seconds_bucket", "+Inf"] == 4
+    # Taken once: a second report carries nothing new.
+    again: dict[str, Any] = {}
+    worker_a.environment.events.report_to_master.fire(  # type: ignore[no-untyped-call]
+        client_id="w", data=again
+    )
+    assert again[REPORT_KEY] == []
