@@ -77,7 +77,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast lint fmt up-local load load-master load-worker load-cluster load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
+.PHONY: help venv test test-fast lint fmt up-local load load-master load-worker load-cluster load-cluster-ui load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -127,8 +127,14 @@ load-worker: venv ## A locust worker for a master elsewhere (MASTER=host[:port])
 load-cluster: engine ## The load run from WORKERS=2 locust workers in containers (needs make up); reports in reports/
 	@test -n "$(COMPOSE_BIN)" || { echo "make load-cluster: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
 	@mkdir -p $(REPORTS)
-	@LOAD_WORKERS=$(WORKERS) LOAD_USERS=$(USERS) LOAD_SPAWN_RATE=$(SPAWN_RATE) LOAD_DURATION=$(DURATION) \
-		LOAD_ARGS='$(LOAD_ARGS)' bash docker/load-cluster.sh "$(COMPOSE)" $(WORKERS) $(REPORTS) $(PROJECT)
+	@LOAD_RUN="--headless -t $(DURATION)" LOAD_WORKERS=$(WORKERS) LOAD_USERS=$(USERS) \
+		LOAD_SPAWN_RATE=$(SPAWN_RATE) LOAD_ARGS='$(LOAD_ARGS)' \
+		bash docker/load-cluster.sh "$(COMPOSE)" $(WORKERS) $(REPORTS) $(PROJECT)
+
+load-cluster-ui: engine ## locust's web UI on http://127.0.0.1:8089 with WORKERS=2 workers in containers, until Ctrl-C
+	@test -n "$(COMPOSE_BIN)" || { echo "make load-cluster-ui: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
+	@LOAD_RUN= LOAD_WORKERS=$(WORKERS) LOAD_USERS=$(USERS) LOAD_SPAWN_RATE=$(SPAWN_RATE) \
+		LOAD_ARGS='$(LOAD_ARGS)' bash docker/load-cluster.sh "$(COMPOSE)" $(WORKERS) "" $(PROJECT)
 
 load-ui: venv ## locust's web UI on http://127.0.0.1:8089 with the same users
 	$(LOCUST) --web-host 127.0.0.1 --web-port 8089 $(LOAD_ARGS)

@@ -5,6 +5,9 @@
 # the run's status (non-zero on any byte mismatch or threshold breach).
 #
 #   docker/load-cluster.sh "COMPOSE COMMAND" WORKERS REPORTS_DIR PROJECT
+#
+# With REPORTS_DIR empty (make load-cluster-ui) the master serves locust's web UI on
+# 127.0.0.1:8089 and this runs in the foreground until Ctrl-C, then cleans up.
 set -euo pipefail
 compose=$1 workers=$2 reports=$3 project=$4
 # shellcheck disable=SC2086 # the compose command is two words for v2
@@ -16,6 +19,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+if [ -z "$reports" ]; then
+  echo "load-cluster-ui: locust's web UI at http://127.0.0.1:8089 ($workers worker(s)); Ctrl-C ends it"
+  run up --no-build --scale locust-worker="$workers" locust-master locust-worker || true
+  exit 0
+fi
 run up -d --no-build --scale locust-worker="$workers" locust-master locust-worker
 master=$(run ps -q locust-master)
 status=$(docker wait "$master")

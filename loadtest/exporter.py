@@ -11,16 +11,18 @@ The locust master (or the only process) serves, read at scrape time:
 
 It runs on the servers' own metrics endpoint (`services.metrics_http`), so the load
 generator answers scrapes the same way the servers do.
+
+Nothing here imports locust at module level: importing locust monkey-patches the whole
+process with gevent, which a process that is not a locust run (the test suite) must not
+suffer. The environment and its runner arrive as arguments.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-from locust.env import Environment
-from locust.runners import MasterRunner, WorkerRunner
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -31,6 +33,10 @@ from prometheus_client.registry import Collector
 
 from services.metrics_http import MetricsServer
 from services.stats import SUB_MS_BUCKETS, Histogram
+
+if TYPE_CHECKING:
+    from locust.env import Environment
+    from locust.runners import MasterRunner
 
 REPORT_KEY = "echo_load_histograms"  # in a worker's report to its master
 
@@ -102,7 +108,7 @@ class LoadCollector(Collector):
         yield failures
         yield from self._histograms.families()
         runner = self._environment.runner
-        workers = runner.worker_count if isinstance(runner, MasterRunner) else 1
+        workers = runner.worker_count if is_master(runner) else 1
         yield GaugeMetricFamily("echo_load_workers", "Load generator processes.", workers)
         users = runner.user_count if runner is not None else 0
         yield GaugeMetricFamily("echo_load_users", "Simulated users running.", users)
@@ -111,6 +117,16 @@ class LoadCollector(Collector):
             "1 once a load generator passed 90% CPU: its numbers are limited by the client.",
             int(cpu_limited(self._environment)),
         )
+
+
+def is_master(runner: object) -> TypeGuard[MasterRunner]:
+    """A locust master's runner (it has workers, and no users of its own). By name, not
+    isinstance: see the module's docstring."""
+    return type(runner).__name__ == "MasterRunner"
+
+
+def is_worker(runner: object) -> bool:
+    return type(runner).__name__ == "WorkerRunner"
 
 
 def cpu_limited(environment: Environment) -> bool:
@@ -136,7 +152,7 @@ class LoadExporter:
         events.worker_report.add_listener(self._on_worker_report)
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
-        if isinstance(self.environment.runner, WorkerRunner):
+        if is_worker(self.environment.runner):
             raise RuntimeError("a worker has nothing to export: its master does")
         registry = CollectorRegistry(auto_describe=True)
         registry.register(LoadCollector(self.environment, self.histograms))

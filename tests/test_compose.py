@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -313,6 +314,44 @@ def test_the_load_profile_drives_all_three_from_two_workers_in_containers(
         assert run("docker", "ps", "-aq", "--filter", label).stdout.split() == []
     volumes = run("docker", "volume", "ls", "-q").stdout.split()
     assert f"{PROJECT}_load-reports" not in volumes
+
+
+def test_the_load_web_ui_runs_with_its_workers_until_interrupted(stack: None) -> None:
+    ui = subprocess.Popen(
+        ["make", "--no-print-directory", "load-cluster-ui", "WORKERS=1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # Ctrl-C goes to the whole group, as in a terminal
+    )
+    try:
+
+        def workers_connected() -> int:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:8089/stats/requests", timeout=5) as r:
+                    return int(json.load(r).get("worker_count", 0))
+            except OSError:
+                return 0
+
+        wait_until(lambda: workers_connected() == 1, timeout=120, what="the UI and its worker")
+    finally:
+        os.killpg(ui.pid, signal.SIGINT)
+        output, _ = ui.communicate(timeout=120)
+    assert "1 workers connected" in output, output[-3000:]
+
+    def load_containers() -> list[str]:
+        labels = [
+            f"label=com.docker.compose.service={s}" for s in ("locust-master", "locust-worker")
+        ]
+        return [
+            c
+            for label in labels
+            for c in run("docker", "ps", "-aq", "--filter", label).stdout.split()
+        ]
+
+    # Ctrl-C ends make at once; the script's clean-up finishes just after.
+    wait_until(lambda: not load_containers(), timeout=60, what="the load containers to go")
 
 
 def test_make_down_leaves_nothing_behind(stack: None) -> None:

@@ -7,10 +7,11 @@ import contextlib
 import json
 import socket
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
-
-from locust.env import Environment
 
 from loadtest.exporter import REPORT_KEY, LoadExporter
 from services.metrics import metric, scrape
@@ -89,21 +90,42 @@ def _requests_seen(address: tuple[str, int]) -> Scraped | None:
     return scraped if all(seen) else None
 
 
+class Hook:
+    """locust's EventHook, as far as the exporter uses it. (Importing locust itself would
+    monkey-patch this whole test process with gevent.)"""
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[..., None]] = []
+
+    def add_listener(self, listener: Callable[..., None]) -> None:
+        self._listeners.append(listener)
+
+    def fire(self, **kwargs: Any) -> None:
+        for listener in self._listeners:
+            listener(**kwargs)
+
+
+def fake_environment() -> Any:
+    events = SimpleNamespace(request=Hook(), report_to_master=Hook(), worker_report=Hook())
+    return SimpleNamespace(events=events, runner=None)
+
+
 def test_the_exporter_adds_up_what_workers_report() -> None:
     # Two workers' histograms travel in their reports and add up at the master.
-    worker_a, worker_b, master = (LoadExporter(Environment()) for _ in range(3))
-    for exporter, times in ((worker_a, [0.3, 0.3, 40.0]), (worker_b, [2.0])):
+    envs = [fake_environment() for _ in range(3)]
+    *_workers, master = [LoadExporter(env) for env in envs]  # the workers only report
+    for env, times in ((envs[0], [0.3, 0.3, 40.0]), (envs[1], [2.0])):
         for ms in times:
-            exporter.environment.events.request.fire(  # type: ignore[no-untyped-call]
+            env.events.request.fire(
                 request_type="echo", name="queue", response_time=ms, response_length=1,
                 exception=None, context={},
             )  # fmt: skip
-    for worker in (worker_a, worker_b):
+    for client_id, env in (("a", envs[0]), ("b", envs[1])):
         report: dict[str, Any] = {}
-        events = worker.environment.events, master.environment.events
-        events[0].report_to_master.fire(client_id="w", data=report)  # type: ignore[no-untyped-call]
-        events[1].worker_report.fire(client_id="w", data=report)  # type: ignore[no-untyped-call]
+        env.events.report_to_master.fire(client_id=client_id, data=report)
+        envs[2].events.worker_report.fire(client_id=client_id, data=report)
         assert REPORT_KEY in report
+    assert master.reporting_workers == {"a", "b"}
     (family,) = master.histograms.families()
     samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
     assert samples["echo_load_response_seconds_count", None] == 4
@@ -112,7 +134,14 @@ def test_the_exporter_adds_up_what_workers_report() -> None:
     assert samples["echo_load_response_seconds_bucket", "+Inf"] == 4
     # Taken once: a second report carries nothing new.
     again: dict[str, Any] = {}
-    worker_a.environment.events.report_to_master.fire(  # type: ignore[no-untyped-call]
-        client_id="w", data=again
-    )
+    envs[0].events.report_to_master.fire(client_id="a", data=again)
     assert again[REPORT_KEY] == []
+
+
+def test_importing_the_exporter_does_not_import_locust() -> None:
+    # Importing locust monkey-patches the process with gevent; the suite must stay clean.
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, loadtest.exporter; print('locust' in sys.modules)"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert result.stdout.strip() == "False", result.stderr

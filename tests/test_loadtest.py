@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from loadtest.echo_client import EchoFailure, PayloadSize, classify, exchange
-from loadtest.report import ServiceRow, Thresholds, judge_load
+from loadtest.report import LoadGenerator, ServiceRow, Thresholds, judge_load, write_summary
 from services.models import MODELS
 from support import ROOT, FaultyEcho, running, wait_until
 
@@ -166,6 +166,22 @@ def test_judge_fails_on_any_mismatch_and_on_the_ratio() -> None:
     assert judge_load([row(1000, 5, timeout=5)], Thresholds(0.01)).ok
     assert not judge_load([row(1000, 50, timeout=50)], Thresholds(0.01)).ok
     assert not judge_load([row(0, 0)], Thresholds(0.01)).ok
+
+
+def test_a_load_generator_over_90_percent_cpu_is_said_in_the_table_and_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [ServiceRow("queue", 100, 0, 1, 0, 50.0, 1.0, 1, 1, 1, {})]
+    verdict = judge_load(rows, Thresholds(0.01))
+    for limited in (False, True):
+        path = tmp_path / f"summary-{limited}.json"
+        write_summary(rows, verdict, str(path), LoadGenerator(4, 3, cpu_limited=limited))
+        printed = capsys.readouterr().err
+        assert "(4 load process(es))" in printed
+        assert ("limited by the client" in printed) is limited
+        summary = json.loads(path.read_text())
+        assert summary["limited_by_load_generator"] is limited
+        assert summary["workers"] == 4 and summary["workers_with_requests"] == 3
 
 
 def test_make_load_against_up_local_lists_all_three_services(tmp_path: Path) -> None:
