@@ -16,9 +16,7 @@ from loadtest.flood import FloodRun, RunSettings, Target, flood
 from loadtest.observe import Sample
 from services.launcher import UNDER_AS_LIMIT
 from services.models import MODELS
-from support import ROOT, ServerProcess, is_served, metric, scrape, server_process, wait_until
-
-Scraped = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from support import ROOT, ServerProcess, is_served, server_process, wait_until
 
 pytestmark = [pytest.mark.flood, pytest.mark.timeout(120)]
 
@@ -155,14 +153,10 @@ def test_threads_model_under_a_memory_cap_fails_the_recorded_way(tmp_path: Path)
         run = flood(target_of(server, "threads"), "idle", settings(connections=3000))
         summary = run.summary
         if server.process.poll() is None:  # alive: it refused threads and turned clients away
+            assert summary.thread_start_failures >= 1, summary
             attacked = [p for p in run.probes if run.attack_start + 2 < p.at < run.attack_end]
             assert any(not p.ok for p in attacked)
             assert summary.verdict in ("degraded", "down")
-            # Its metrics may be silent while the address space is exhausted (nothing is
-            # left to build a response with); once the attack is gone they answer again,
-            # with the refusals counted.
-            scraped = wait_until(lambda: scrape_or_none(server), what="metrics after the attack")
-            assert metric(scraped, "echo_thread_start_failures_total") >= 1, summary
         else:  # or the cap killed it
             assert summary.verdict == "down"
 
@@ -291,10 +285,3 @@ def test_find_limit_brackets_the_threads_models_limit(tmp_path: Path) -> None:
     assert failed is not None and failed.size == 128, point
     assert any("threads grew" in reason for reason in failed.reasons), failed
     assert point.describe() == "32 connections (not 128)"
-
-
-def scrape_or_none(server: ServerProcess) -> Scraped | None:
-    try:
-        return scrape(server.metrics_address, timeout=2.0)
-    except OSError:
-        return None
