@@ -36,7 +36,7 @@ class RateLimitedLog:
 def quietly(log_call: Callable[..., None], *args: object) -> None:
     """Log, unless logging itself fails (out of memory): a worker must not die of a
     message it could not write."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(MemoryError):  # logging reports its own I/O errors
         log_call(*args)
 
 
@@ -53,7 +53,7 @@ def exit_now(code: int, message: str | None = None, grace: float = 1.0) -> NoRet
             logging.getLogger("echo").critical("%s", message)
         logging.shutdown()
 
-    with contextlib.suppress(Exception):  # no thread to be had: exit without last words
+    with contextlib.suppress(RuntimeError, MemoryError):  # no thread: exit without last words
         helper = threading.Thread(target=last_words, name="echo-last-words", daemon=True)
         helper.start()
         helper.join(grace)

@@ -128,7 +128,13 @@ def test_a_stopped_process_is_not_killed_by_its_watchdog_when_it_wakes(
             )
         server.signal(signal.SIGSTOP)
         try:
-            time.sleep(2 * WATCHDOG + 1)  # the freeze itself: a stimulus, not a wait
+            # The freeze: polled until the kernel has shown the process stopped (state T)
+            # for more than twice the timeout.
+            stopped_at = wait_until(lambda: _stopped(server) and time.monotonic(), what="stop")
+            wait_until(
+                lambda: _stopped(server) and time.monotonic() - stopped_at > 2 * WATCHDOG + 1,
+                what="twice the timeout stopped",
+            )
         finally:
             server.signal(signal.SIGCONT)
         woke = time.monotonic()
@@ -250,3 +256,9 @@ def test_the_watchdog_exits_even_when_stderr_blocks(tmp_path: Path) -> None:
         process.wait(30)
         if process.stderr is not None:
             process.stderr.close()
+
+
+def _stopped(server: ServerProcess) -> bool:
+    """The kernel has the process stopped (SIGSTOP): state T in /proc."""
+    stat = Path(f"/proc/{server.pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
