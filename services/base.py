@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
 
+from services.accepting import accept_connection, next_backoff
 from services.concurrency import SharedCounter
 from services.config import Config
 from services.echo import close_reason_for, echo
@@ -26,16 +27,11 @@ from services.stats import ServerStats, persist
 
 log = logging.getLogger("echo.server")
 
-# accept() fails with these when the process or the system runs out of
-# descriptors or memory; retrying at once would spin a core, so back off.
-_EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_BACKOFF_FIRST = 0.01
-_BACKOFF_FIRST_OTHER = 0.001  # any other error (it may not repeat)
-_BACKOFF_MAX = 1.0
 _ACCEPT_BATCH = 64  # accepts per wake-up, so the loop still notices a stop request
 _TICK = 1.0  # the accept loop wakes at least this often (watchdog heartbeat)
 _DRAIN = 1.0  # seconds open connections get to finish after a stop request
 _WORKERS_GRACE = 2.0  # then seconds for workers to end once their connections are cut
+_OUT_OF_MEMORY_PAUSE = 0.01  # before the event loop's next turn, when its last one ran out
 
 
 class PortInUseError(OSError):
@@ -177,19 +173,27 @@ class Server(ABC):
                 on_ready()
             try:
                 while not self._stopping.is_set():
-                    self.stats.accept_loop_ticks.incr()
-                    now = time.monotonic()
-                    if self._paused_until and now >= self._paused_until:
-                        self._paused_until = 0.0
-                        selector.register(listener, selectors.EVENT_READ, self._on_listener)
-                    timeout = min(_TICK, self.next_deadline(now) - now)
-                    if self._paused_until:
-                        timeout = min(timeout, self._paused_until - now)
-                    for key, mask in selector.select(max(timeout, 0.0)):
-                        self._run_callback(key, mask)
-                    self.on_loop_tick(time.monotonic())
+                    try:
+                        self._turn(listener, selector)
+                    except MemoryError:  # select() and the hooks allocate too: carry on
+                        self._warn.warning("out of memory in the event loop; carrying on")
+                        time.sleep(_OUT_OF_MEMORY_PAUSE)
             finally:
                 self.on_loop_end()
+
+    def _turn(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+        self.stats.accept_loop_ticks.incr()
+        now = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            # Registered before the pause ends: if this fails, the next turn tries again.
+            selector.register(listener, selectors.EVENT_READ, self._on_listener)
+            self._paused_until = 0.0
+        timeout = min(_TICK, self.next_deadline(now) - now)
+        if self._paused_until:
+            timeout = min(timeout, self._paused_until - now)
+        for key, mask in selector.select(max(timeout, 0.0)):
+            self._run_callback(key, mask)
+        self.on_loop_tick(time.monotonic())
 
     def _run_callback(self, key: selectors.SelectorKey, mask: int) -> None:
         """One registration's callback. A failure is logged, and the loop goes on: every
@@ -207,7 +211,7 @@ class Server(ABC):
         except MemoryError:
             # Anything can fail to allocate when memory runs out (the threads model
             # under an address-space limit does this). The connection in hand, if
-            # any, is closed by the GC.
+            # any, is closed by the GC; accept_connection() closes one it could not wrap.
             self._backoff = self._accept_failed(errno.ENOMEM, self._backoff)
         if self._backoff:  # stop listening for a while; the rest of the loop goes on
             self._selector.unregister(listener)
@@ -263,7 +267,7 @@ class Server(ABC):
             if self._stopping.is_set():
                 return 0.0
             try:
-                conn, _peer = listener.accept()
+                conn = accept_connection(listener)
             except (BlockingIOError, InterruptedError):
                 return 0.0
             except MemoryError:
@@ -275,15 +279,10 @@ class Server(ABC):
         return 0.0
 
     def _accept_failed(self, code: int, backoff: float) -> float:
-        """Count a failed accept() and return the back-off before the next try. Every
-        error backs off: out of descriptors or memory, retrying at once would spin a
-        core, and so would any error that repeats (EPERM from a firewall or seccomp
-        policy, say). One that does not repeat (a peer that gave up, ECONNABORTED) costs
-        a millisecond, and the next accept that succeeds ends the back-off."""
+        """Count a failed accept() and return the back-off before the next try."""
         name = errno.errorcode.get(code, str(code))
         self.stats.accept_errors.incr(name)
-        first = _BACKOFF_FIRST if code in _EXHAUSTION else _BACKOFF_FIRST_OTHER
-        backoff = min(max(backoff * 2, first), _BACKOFF_MAX)
+        backoff = next_backoff(code, backoff)
         self._warn.warning("accept failed with %s; backing off %.3f s", name, backoff)
         return backoff
 

@@ -58,17 +58,24 @@ def acquire(*locks: _Lock) -> Iterator[None]:
             f"asked for {len(ordered)} lock(s) starting at id {id(ordered[0]):#x} while holding "
             f"id {id(held[-1]):#x}; nest acquire() calls only in increasing lock order"
         )
-    taken: list[_Lock] = []
+    # Nothing on the way out may allocate: under an exhausted address space (one of the
+    # floods) a failing `finally` would leave a lock held for good, and every thread
+    # after it deadlocked or told of a lock-order violation that never happened. The
+    # held list is extended before any lock is taken (if that fails, nothing is held);
+    # releasing counts down over `ordered`, and small integers are preallocated.
+    start = len(held)
+    held.extend(ordered)
+    taken = 0
     try:
         for lock in ordered:
             lock.acquire()
-            taken.append(lock)
-            held.append(lock)
+            taken += 1
         yield
     finally:
-        for lock in reversed(taken):
-            lock.release()
-            held.pop()
+        while taken:
+            taken -= 1
+            ordered[taken].release()
+        del held[start:]
 
 
 class SharedCounter:

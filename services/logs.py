@@ -22,6 +22,11 @@ class RateLimitedLog:
         self._suppressed = 0
 
     def warning(self, message: str, *args: object) -> None:
+        """Never raises: a worker must not die of a message it could not write."""
+        with contextlib.suppress(MemoryError):
+            self._warning(message, *args)
+
+    def _warning(self, message: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now < self._next:

@@ -8,7 +8,9 @@ waits in a selector and costs a descriptor:
   `REQUEST_DEADLINE` of its accept, or it is closed;
 - at most `MAX_CONNECTIONS` are open; a new one pushes out the oldest, which has
   had longest to send a request and has not;
-- `accept()` errors back off (descriptors run out under the floods);
+- `accept()` errors back off (descriptors run out under the floods), and a
+  descriptor is never lost when memory runs out while accepting;
+- running out of memory anywhere drops at most the request in hand;
 - `stop()` never waits on a client.
 The registry is rendered at most once per request, only when the request is
 complete.
@@ -27,14 +29,15 @@ from collections import OrderedDict
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from services.accepting import BACKOFF_FIRST, accept_connection, next_backoff
 from services.base import PortInUseError
+from services.logs import RateLimitedLog, quietly
 
 log = logging.getLogger("echo.metrics")
 
 REQUEST_DEADLINE = 5.0  # seconds from accept for the whole request
 MAX_REQUEST = 8192  # bytes of request line and headers
 MAX_CONNECTIONS = 256
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
 _TICK = 0.5
 
 
@@ -75,6 +78,9 @@ class MetricsServer:
         # The loop must outlive running out of memory, or Prometheus goes blind just when a
         # flood makes it worth watching; counted here, logged when the loop ends.
         self.memory_errors = 0
+        self._warn = RateLimitedLog(log)
+        self._backoff = 0.0  # the accept back-off in force (seconds)
+        self._paused_until = 0.0  # when the listener is watched again (monotonic)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -105,48 +111,53 @@ class MetricsServer:
         self._wake_writer.close()
 
     def _serve(self) -> None:
-        paused_until = 0.0
-        backoff = 0.0
         with selectors.DefaultSelector() as selector:
             selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
             while not self._stop.is_set():
-                now = time.monotonic()
-                if paused_until and now >= paused_until:
-                    paused_until = 0.0
-                    selector.register(self._listener, selectors.EVENT_READ)
-                timeout = min(_TICK, paused_until - now) if paused_until else _TICK
-                for key, mask in selector.select(max(timeout, 0.0)):
-                    if key.fileobj is self._listener:
-                        try:
-                            backoff = self._accept(selector, backoff)
-                        except MemoryError:  # back off as for running out of descriptors
-                            backoff = min(max(backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
-                            self.memory_errors += 1
-                        if backoff:
-                            selector.unregister(self._listener)
-                            paused_until = time.monotonic() + backoff
-                    elif key.fileobj is self._wake_reader:
-                        continue
-                    else:
-                        try:
-                            self._on_client(selector, key.data, mask)
-                        except MemoryError:  # out of memory (the floods do this): drop it
-                            self._drop(selector, key.data)
-                            self.memory_errors += 1
-                self._expire(selector, time.monotonic())
+                try:
+                    self._turn(selector)
+                except MemoryError:  # select() allocates too: the loop must outlive it
+                    self._out_of_memory()
+                    time.sleep(BACKOFF_FIRST)
+
+    def _turn(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            selector.register(self._listener, selectors.EVENT_READ)  # if this fails: next turn
+            self._paused_until = 0.0
+        timeout = min(_TICK, self._paused_until - now) if self._paused_until else _TICK
+        for key, mask in selector.select(max(timeout, 0.0)):
+            if key.fileobj is self._listener:
+                try:
+                    self._backoff = self._accept(selector, self._backoff)
+                except MemoryError:  # back off as for running out of descriptors
+                    self._backoff = next_backoff(errno.ENOMEM, self._backoff)
+                    self._out_of_memory()
+                if self._backoff:
+                    selector.unregister(self._listener)
+                    self._paused_until = time.monotonic() + self._backoff
+            elif key.fileobj is not self._wake_reader:
+                try:
+                    self._on_client(selector, key.data, mask)
+                except MemoryError:  # out of memory (the floods do this): drop it
+                    self._drop(selector, key.data)
+                    self._out_of_memory()
+        self._expire(selector, time.monotonic())
+
+    def _out_of_memory(self) -> None:
+        with contextlib.suppress(MemoryError):  # counting past 256 allocates
+            self.memory_errors += 1
 
     def _accept(self, selector: selectors.BaseSelector, backoff: float) -> float:
         for _ in range(64):
             try:
-                sock, _peer = self._listener.accept()
+                sock = accept_connection(self._listener)
             except (BlockingIOError, InterruptedError):
                 return 0.0
-            except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return min(max(backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
-                log.debug("metrics accept failed: %s", error)
-                return 0.0
+            except OSError as error:  # every error backs off, as on the echo port
+                self._warn.warning("metrics accept failed: %s", error)
+                return next_backoff(error.errno or 0, backoff)
             if len(self._clients) >= MAX_CONNECTIONS:
                 self._drop(selector, next(iter(self._clients.values())))
             sock.setblocking(False)
@@ -156,8 +167,9 @@ class MetricsServer:
         return 0.0
 
     def _on_client(self, selector: selectors.BaseSelector, client: _Client, mask: int) -> None:
-        if client.sock not in self._clients:
-            return  # dropped earlier in this batch of events
+        if client.sock not in self._clients:  # dropped earlier, or half-dropped: finish it
+            self._drop(selector, client)
+            return
         try:
             if mask & selectors.EVENT_READ:
                 self._read(selector, client)
@@ -191,8 +203,10 @@ class MetricsServer:
             return _response(404, b"not found: try /metrics\n")
         try:
             body = generate_latest(self._registry)
+        except MemoryError:
+            raise  # the client is dropped and counted
         except Exception:
-            log.exception("collecting the metrics failed")
+            quietly(log.exception, "collecting the metrics failed")
             return _response(500, b"collecting the metrics failed\n")
         return _response(200, body, CONTENT_TYPE_LATEST.encode())
 

@@ -125,8 +125,20 @@ class Watchdog:
             self._stalled_for = 0.0
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            reason = self.check(self._clock())
+        # Out of memory (a flood can do that), a wait cannot allocate its lock and a check
+        # cannot run: sleep instead, and skip the check. Skipping never trips; a check
+        # that then runs late restarts the clocks, as after a freeze.
+        while not self._stop.is_set():
+            try:
+                if self._stop.wait(self.interval):
+                    return
+            except RuntimeError:  # "can't allocate lock"
+                time.sleep(self.interval)
+                continue
+            try:
+                reason = self.check(self._clock())
+            except MemoryError:
+                continue
             if reason is not None:
                 self._on_trip(f"watchdog: {reason} (timeout {self.timeout:g} s)")
                 return

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import sys
 import threading
+from types import FrameType
 
 import pytest
 
@@ -181,3 +183,40 @@ def test_adjust_moves_counters_together() -> None:
     assert reads, "the reader never ran"
     assert torn == []
     assert snapshot(arrived, queued, busy, done) == (20_000, 0, 0, 20_000)
+
+
+def test_memory_running_out_at_any_step_of_acquire_leaves_nothing_held() -> None:
+    # Under an exhausted address space any allocation fails; the address-space flood hit
+    # a `finally` that could not release, and every later thread deadlocked on the lock
+    # or was told of a lock-order violation. Fail each builtin call acquire() makes that
+    # may allocate (all but a lock's release), one at a time, until one pass gets through.
+    outer, inner = threading.Lock(), threading.Lock()
+    code = acquire.__wrapped__.__code__  # type: ignore[attr-defined]
+    for failing_call in range(1, 200):
+        calls = 0
+
+        def fail_one(
+            frame: FrameType, event: str, arg: object, failing_call: int = failing_call
+        ) -> None:
+            nonlocal calls
+            releasing = getattr(arg, "__name__", "") == "release"
+            if event == "c_call" and frame.f_code is code and not releasing:
+                calls += 1
+                if calls == failing_call:
+                    raise MemoryError
+
+        sys.setprofile(fail_one)
+        try:
+            with acquire(outer, inner):
+                entered = True
+        except MemoryError:
+            entered = False
+        finally:
+            sys.setprofile(None)
+        assert not outer.locked() and not inner.locked(), failing_call
+        assert held_locks() == (), failing_call
+        if entered and calls < failing_call:  # no call left to fail
+            break
+    else:
+        pytest.fail("acquire() made more builtin calls than expected")
+    assert failing_call > 3  # the injection reached acquire()'s calls

@@ -3,7 +3,9 @@ the connection is closed, and every count comes out right."""
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -12,9 +14,11 @@ import pytest
 
 import services.base
 import services.echo
+import services.models.threads as threads_model
 import services.ready
+from services.accepting import accept_connection
 from services.models import MODELS
-from support import MODES, RunningService, echo_once, running, wait_until
+from support import EVENTUALLY, MODES, RunningService, connect, echo_once, running, wait_until
 
 
 class FailOnce:
@@ -92,3 +96,53 @@ def test_out_of_memory_at_any_step_leaves_the_worker_alive_and_the_counts_right(
         assert echo_once(server.address, b"after the fault") == b"after the fault"
         wait_until(lambda: balanced(server), what="the last connection closed and counted")
         assert server.sample("echo_connections_active") == 0
+
+
+def test_an_accept_that_runs_out_of_memory_closes_the_new_descriptor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # socket.accept() takes the descriptor, then builds a socket object around it; when
+    # that fails, the descriptor leaked (hundreds of them in the address-space flood).
+    real_socket = socket.socket
+
+    def out_of_memory_on_wrap(*args: Any, **kwargs: Any) -> socket.socket:
+        if kwargs.get("fileno") is not None:
+            raise MemoryError
+        return real_socket(*args, **kwargs)
+
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname()) as client,
+    ):
+        monkeypatch.setattr(socket, "socket", out_of_memory_on_wrap)
+        with pytest.raises(MemoryError):
+            accept_connection(listener)
+        monkeypatch.undo()
+        client.settimeout(EVENTUALLY)
+        assert client.recv(1) == b""  # the server's end was closed, not lost
+
+
+def test_a_thread_that_dies_before_its_first_line_is_counted_and_its_connection_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under an exhausted address space the OS makes the thread, then the interpreter
+    # cannot allocate its frames: no code of ours runs in it. The accept loop takes the
+    # connection back once the claim deadline passes.
+    monkeypatch.setattr(threads_model, "CLAIM_DEADLINE", 0.5)
+    with running("threads") as server:
+        real_start = _thread.start_new_thread
+        died = threading.Event()
+
+        def start(run: Callable[..., None], args: tuple[Any, ...]) -> int:
+            if not died.is_set():  # the first thread is made, and dies at once
+                died.set()
+                return 0
+            return int(real_start(run, args))
+
+        monkeypatch.setattr(_thread, "start_new_thread", start)
+        with connect(server.address) as orphan:
+            assert orphan.recv(1) == b""  # closed by the accept loop, not left open
+        assert echo_once(server.address, b"next") == b"next"
+        wait_until(lambda: balanced(server), what="every connection closed and counted")
+        assert server.sample("echo_thread_start_failures_total") == 1
+        assert server.sample("echo_connections_rejected_total", reason="thread_start_failed") == 1

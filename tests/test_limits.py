@@ -72,7 +72,7 @@ def emfile_warnings(server: ServerProcess) -> int:
 
 
 class RefusingListener:
-    """A listening socket whose accept() fails with `code` while `refusing` is set."""
+    """A listening socket whose accept system call fails with `code` while `refusing` is set."""
 
     def __init__(self, real: socket.socket, code: int) -> None:
         self._real = real
@@ -80,10 +80,10 @@ class RefusingListener:
         self.refusing = threading.Event()
         self.refusing.set()
 
-    def accept(self) -> tuple[socket.socket, object]:
+    def _accept(self) -> tuple[int, object]:
         if self.refusing.is_set():
             raise OSError(self._code, os.strerror(self._code))
-        return self._real.accept()
+        return self._real._accept()  # type: ignore[attr-defined,no-any-return]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)

@@ -3,10 +3,12 @@ and a stopped process do not."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from services.watchdog import MIN_TIMEOUT, Lane, Watchdog
-from support import connect, running, wait_until
+from support import EVENTUALLY, connect, running, wait_until
 
 
 class Clock:
@@ -121,3 +123,38 @@ def test_quiet_clients_holding_every_worker_with_no_idle_timeout_do_not_trip_it(
         wanted = watchdog.checks + int(2 * MIN_TIMEOUT / watchdog.interval) + 1
         wait_until(lambda: watchdog.checks >= wanted, what="two timeouts of checks")
         assert not trips and not watchdog.tripped
+
+
+class OutOfMemoryAtFirst(threading.Event):
+    """An event whose first waits cannot allocate their lock, as under a flood."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("can't allocate lock")
+        return super().wait(timeout)
+
+
+def test_the_watchdog_outlives_running_out_of_memory_and_still_trips_on_a_hang() -> None:
+    tripped = threading.Event()
+    readings = iter([0, MemoryError(), *[0] * 1000])
+
+    def progress() -> int:  # no progress ever; the first check's reading cannot allocate
+        reading = next(readings)
+        if isinstance(reading, MemoryError):
+            raise reading
+        return 0
+
+    watchdog = Watchdog(
+        [Lane("workers", progress, lambda: 1)], MIN_TIMEOUT, on_trip=lambda _: tripped.set()
+    )
+    watchdog._stop = OutOfMemoryAtFirst(failures=2)
+    watchdog.start()
+    try:
+        assert tripped.wait(EVENTUALLY), "the watchdog died of the failures, or never looked"
+    finally:
+        watchdog.stop()
