@@ -38,11 +38,17 @@ FLOOD_ARGS ?=
 # make flood-limit: the attack sizes stepped through, and seconds of attack per step.
 LIMIT_STEPS ?= 250,500,1000,2000,4000,8000,16000
 LIMIT_SECONDS ?= 15
+# How floods reach the containers: auto (their own addresses when `make up` runs them,
+# else loopback), network, or published (through Docker's port proxy, which is measured too).
+VIA ?= auto
+FLOOD_VIA = --via $(VIA) --docker-project $(PROJECT)
 QUICK ?=
 BENCH_ARGS ?=
 
 # How the bounded pools take connections: ready (default) or connection (the recipe's).
 DISPATCH ?=
+# make up LINGER=seconds: how long a `ready` worker keeps a connection for its next message.
+LINGER ?=
 # make page-shot: where the screenshot goes, and how tall the window is.
 SHOT ?= docs/img/page-during-flood.png
 SHOT_HEIGHT ?= 6000
@@ -106,7 +112,7 @@ fmt: venv ## Format the code and apply ruff's safe fixes
 	$(VENV)/bin/ruff check --fix .
 
 up-local: venv ## Run every model's server on loopback until Ctrl-C (DISPATCH=connection: the recipe's pools)
-	$(PY) -m services.cluster $(if $(DISPATCH),--dispatch $(DISPATCH))
+	$(if $(LINGER),ECHO_LINGER=$(LINGER) )$(PY) -m services.cluster $(if $(DISPATCH),--dispatch $(DISPATCH))
 
 load: venv ## Headless locust run against all three (USERS=90 DURATION=30s); verifies every byte
 	@mkdir -p $(REPORTS)
@@ -141,11 +147,11 @@ load-ui: venv ## locust's web UI on http://127.0.0.1:8089 with the same users
 
 flood: venv ## Every flood scenario against each running server; table, JSON and charts in reports/
 	$(PY) -m loadtest.flood --scenarios $(SCENARIOS) --connections $(CONNECTIONS) \
-		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood.json --charts $(REPORTS) $(FLOOD_ARGS)
+		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood.json --charts $(REPORTS) $(FLOOD_VIA) $(FLOOD_ARGS)
 
 flood-limit: venv ## Step each flood up per server until it is not held; table, JSON and chart in reports/
 	$(PY) -m loadtest.flood --find-limit --scenarios $(SCENARIOS) --limit-steps $(LIMIT_STEPS) \
-		--duration $(LIMIT_SECONDS) --json $(REPORTS)/flood-limits.json --charts $(REPORTS) $(FLOOD_ARGS)
+		--duration $(LIMIT_SECONDS) --json $(REPORTS)/flood-limits.json --charts $(REPORTS) $(FLOOD_VIA) $(FLOOD_ARGS)
 
 bench: venv ## Throughput, latency, memory and counters of each model vs asyncio and C (QUICK=1: short)
 	$(PY) -m bench $(if $(filter 1,$(QUICK)),--quick) --json $(REPORTS)/bench.json \
@@ -181,7 +187,7 @@ engine:
 
 up: engine images ## Start the stack (3 servers + Prometheus) and wait until every service is healthy
 	@test -n "$(COMPOSE_BIN)" || { echo "make up: neither 'docker compose' nor docker-compose found" >&2; exit 1; }
-	DISPATCH=$(DISPATCH) $(COMPOSE) up -d --no-build
+	DISPATCH=$(DISPATCH) LINGER=$(LINGER) $(COMPOSE) up -d --no-build
 	@bash docker/wait-healthy.sh $(UP_TIMEOUT) $(PROJECT)
 	@$(PY) -m services.models
 	@echo "  prometheus http://127.0.0.1:9090"

@@ -3,7 +3,8 @@
 One thread holds thousands of sockets cheaply, so the attacker does not need
 the very resource (threads) whose exhaustion it demonstrates. Every attack is
 bounded: at most `MAX_CONNECTIONS` sockets, at most `MAX_DURATION` seconds,
-and only against loopback addresses.
+and only against loopback addresses, or the project's own containers at the
+addresses Docker gives them (`loadtest.containers`).
 
 Like real tools (slowloris, slowhttptest), an attack keeps its count: every
 connection the server closes, resets or refuses is replaced at once, within
@@ -51,17 +52,23 @@ class AttackPlan:
     trickle_interval: float = 2.0  # slowloris: seconds between bytes on one connection
     churn_in_flight: int = 64
     polite: bool = False  # never replace a connection the server dropped
+    # The address is a container of the project, as Docker told it: a private address
+    # is allowed too, and nothing else that is not loopback.
+    container: bool = False
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
             raise AttackRefused(f"scenario {self.scenario!r}: choose from {', '.join(SCENARIOS)}")
         host = self.address[0]
         try:
-            loopback = ipaddress.ip_address(host).is_loopback
+            ip = ipaddress.ip_address(host)
         except ValueError:
             raise AttackRefused(f"target {host!r}: give a loopback IP address") from None
-        if not loopback:
-            raise AttackRefused(f"target {host}: floods go to loopback addresses only")
+        if not (ip.is_loopback or (self.container and ip.is_private)):
+            raise AttackRefused(
+                f"target {host}: floods go to loopback addresses only"
+                + (" (or a container's private address)" if self.container else "")
+            )
         if not 1 <= self.connections <= MAX_CONNECTIONS:
             raise AttackRefused(f"connections: 1 to {MAX_CONNECTIONS}")
         if not 0 < self.duration <= MAX_DURATION:

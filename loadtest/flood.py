@@ -25,12 +25,16 @@ from loadtest.breaking import (
     report_limits,
     step_settings,
 )
+from loadtest.containers import container_address
 from loadtest.floodrun import FloodRun, RunSettings, Target, ensure_descriptors, flood
 from loadtest.verdict import DEFAULT_SETTLE, VERDICTS, Limits
 from services.config import OneLineParser
 
 __all__ = ["FloodRun", "RunSettings", "Target", "flood", "main"]
 from services.models import MODELS
+
+VIAS = ("auto", "network", "published")  # how the containers are reached (--via)
+LOOPBACK = "127.0.0.1"
 
 
 def format_flood_table(runs: Sequence[FloodRun]) -> str:
@@ -63,8 +67,9 @@ def format_flood_table(runs: Sequence[FloodRun]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m loadtest.flood",
-        description="Connection floods against the echo servers (loopback only), with an "
-        "independent availability probe and a metrics sampler; prints a verdict per run.",
+        description="Connection floods against the echo servers (on loopback or the project's "
+        "containers), with an independent availability probe and a metrics sampler; prints a "
+        "verdict per run.",
     )
     add = parser.add_argument
     add(
@@ -72,7 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(MODELS),
         help=f"comma-separated services ({', '.join(MODELS)}) [%(default)s]",
     )
-    add("--host", default="127.0.0.1", help="loopback address of the services [%(default)s]")
+    add("--host", help=f"loopback address of the services [{LOOPBACK}]")
+    add(
+        "--via",
+        choices=VIAS,
+        default="auto",
+        help="network: each service's container at its own address (Docker's port proxy "
+        "is not what is measured); published: --host and the published ports; auto: "
+        "network where the compose project's container runs (unless --host or --port is "
+        "given), else published [%(default)s]",
+    )
+    add(
+        "--docker-project",
+        default="echo-cluster",
+        help="compose project of the containers, for --via [%(default)s]",
+    )
     add("--port", type=int, help="echo port, overriding the service's default (one target only)")
     add("--metrics-port", type=int, help="metrics port, likewise")
     add("--scenarios", default="idle", help=f"comma-separated, or 'all': {', '.join(SCENARIOS)}")
@@ -141,14 +160,30 @@ def targets_from(args: argparse.Namespace) -> list[Target]:
         )
     if (args.port or args.metrics_port) and len(names) != 1:
         raise AttackRefused("--port/--metrics-port need exactly one target")
-    return [
-        Target(
-            name,
-            (args.host, args.port or MODELS[name].port),
-            (args.host, args.metrics_port or MODELS[name].metrics_port),
+    if args.via == "network" and (args.port or args.metrics_port or args.host):
+        raise AttackRefused(
+            "--via network: the containers' own addresses and ports, not --host/--port"
         )
-        for name in names
-    ]
+    return [target_of(name, args) for name in names]
+
+
+def target_of(name: str, args: argparse.Namespace) -> Target:
+    spec = MODELS[name]
+    as_given = args.host or args.port or args.metrics_port
+    address = None
+    if args.via == "network" or (args.via == "auto" and not as_given):
+        address = container_address(args.docker_project, name)
+        if address is None and args.via == "network":
+            raise AttackRefused(
+                f"--via network: no running container of {name!r} in compose project "
+                f"{args.docker_project!r} (make up)"
+            )
+    if address is not None:
+        return Target(name, (address, spec.port), (address, spec.metrics_port), container=True)
+    host = args.host or LOOPBACK
+    return Target(
+        name, (host, args.port or spec.port), (host, args.metrics_port or spec.metrics_port)
+    )
 
 
 def settings_from(args: argparse.Namespace) -> RunSettings:
@@ -188,6 +223,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         print(f"python -m loadtest.flood: error: {error}", file=sys.stderr)
         return 2
     progress = None if args.quiet else _progress_printer()
+    for target in [] if args.quiet else targets:
+        how = "its container's own address" if target.container else "as given"
+        print(f"{target.name}: {target.address[0]}:{target.address[1]} ({how})", file=sys.stderr)
     if args.find_limit:
         points = [
             find_limit(target, scenario, settings, steps, progress)

@@ -22,6 +22,7 @@ class Target:
     name: str
     address: tuple[str, int]
     metrics: tuple[str, int]
+    container: bool = False  # the addresses are its container's own (loadtest.containers)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class RunSettings:
             duration=self.duration,
             trickle_interval=self.trickle_interval,
             polite=self.polite,
+            container=target.container,
         )
 
     def check(self) -> None:

@@ -12,7 +12,9 @@ from contextlib import contextmanager
 
 import pytest
 
+import loadtest.flood
 from loadtest.attacks import Attack, AttackPlan, AttackRefused
+from loadtest.floodrun import RunSettings
 
 CONNECTIONS = 20
 RATE = 200.0
@@ -120,3 +122,49 @@ def test_plans_outside_the_tools_bounds_are_refused() -> None:
         AttackPlan("idle", ("192.0.2.1", 1))
     with pytest.raises(AttackRefused, match="scenario"):
         AttackPlan("teardrop", ("127.0.0.1", 1))
+
+
+def test_a_containers_private_address_is_allowed_only_as_a_container() -> None:
+    AttackPlan("idle", ("172.18.0.2", 1), container=True)
+    with pytest.raises(AttackRefused, match="loopback addresses only"):
+        AttackPlan("idle", ("172.18.0.2", 1))
+    with pytest.raises(AttackRefused, match="or a container's private address"):
+        AttackPlan("idle", ("8.8.8.8", 1), container=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], ("172.18.0.9", 15002, True)),  # auto, the stack runs: its own address
+        (["--via", "network"], ("172.18.0.9", 15002, True)),
+        (["--via", "published"], ("127.0.0.1", 15002, False)),
+        (["--host", "127.0.0.2"], ("127.0.0.2", 15002, False)),  # given: as given
+        (["--port", "7"], ("127.0.0.1", 7, False)),
+    ],
+)
+def test_floods_reach_a_running_container_at_its_own_address_unless_told_otherwise(
+    args: list[str], expected: tuple[str, int, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[tuple[str, str]] = []
+
+    def container_address(project: str, service: str) -> str:
+        asked.append((project, service))
+        return "172.18.0.9"
+
+    monkeypatch.setattr(loadtest.flood, "container_address", container_address)
+    parsed = loadtest.flood.build_parser().parse_args(["--targets", "queue", *args])
+    (target,) = loadtest.flood.targets_from(parsed)
+    assert (*target.address, target.container) == expected
+    assert asked == ([("echo-cluster", "queue")] if target.container else [])
+    RunSettings().plan("idle", target)  # and the attack tool takes it
+
+
+def test_no_container_running_means_loopback_unless_the_network_was_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loadtest.flood, "container_address", lambda *_: None)
+    parse = loadtest.flood.build_parser().parse_args
+    (target,) = loadtest.flood.targets_from(parse(["--targets", "threads"]))
+    assert target.address == ("127.0.0.1", 15003) and not target.container
+    with pytest.raises(AttackRefused, match="no running container of 'threads'"):
+        loadtest.flood.targets_from(parse(["--targets", "threads", "--via", "network"]))

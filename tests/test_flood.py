@@ -245,6 +245,8 @@ def test_flood_cli_prints_a_table_writes_json_and_checks_the_verdict(tmp_path: P
         (["--duration", "301"], "duration"),
         (["--targets", "nginx"], "targets: unknown nginx"),
         (["--scenarios", "ddos"], "scenario 'ddos'"),
+        (["--targets", "queue", "--via", "network", "--port", "1"], "not --host/--port"),
+        (["--via", "network", "--docker-project", "no-such-project"], "no running container"),
     ],
 )
 def test_flood_cli_refuses_what_it_must_not_do(args: list[str], message: str) -> None:
