@@ -119,6 +119,10 @@ def server_specs(full: bool) -> dict[str, Sequence[str]]:
         for mode in spec.dispatch_modes:
             name = spec.name if len(spec.dispatch_modes) == 1 else f"{spec.name}/{mode}"
             specs[name] = model_command(spec.name, "--dispatch", mode, *POOL)
+        if "ready" in spec.dispatch_modes:  # what lingering is worth, in the same rounds
+            specs[f"{spec.name}/ready/no-linger"] = model_command(
+                spec.name, "--dispatch", "ready", *POOL, "--linger", "0"
+            )
         if full and "ready" in spec.dispatch_modes:
             small = (*POOL, "--workers", "32")  # the last --workers wins
             specs[f"{spec.name}/ready/32w"] = model_command(
@@ -163,7 +167,7 @@ def format_throughput(data: dict[str, Any]) -> str:
     for key, per_server in data["configs"].items():
         lines.append(f"\n{key}")
         lines.append(
-            f"  {'server':<20}{'req/s':>9}{'unstalled':>11}{'CPU us':>8}{'switch':>8}{'p50 ms':>8}"
+            f"  {'server':<26}{'req/s':>9}{'unstalled':>11}{'CPU us':>8}{'switch':>8}{'p50 ms':>8}"
             f"{'p99 ms':>8}{'p999 ms':>9}   {'vs uvloop streams':<20}{'vs C epoll':<20}"
         )
         for server, rows in per_server.items():
@@ -175,7 +179,7 @@ def format_throughput(data: dict[str, Any]) -> str:
             cpu = _median(rows, "server_cpu_us")
             switched = [r["switches_per_request"] for r in rows if "switches_per_request" in r]
             lines.append(
-                f"  {server:<20}{rate:>9.0f}{unstalled:>11.0f}{cpu:>8.1f}"
+                f"  {server:<26}{rate:>9.0f}{unstalled:>11.0f}{cpu:>8.1f}"
                 f"{f'{statistics.median(switched):.2f}' if switched else '-':>8}"
                 f"{_median(rows, 'p50_ms'):>8.2f}{_median(rows, 'p99_ms'):>8.2f}"
                 f"{_median(rows, 'p999_ms'):>9.2f}   {cells[0]:<20}{cells[1]:<20}"

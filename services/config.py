@@ -50,7 +50,10 @@ class Config:
     max_connections: int = FROM_MODEL  # ready dispatch: admitted at once; see default_cap()
     output_budget: int = 4 * 2**20  # ready dispatch: bytes of echoes clients have not taken
     turn_messages: int = 16  # ready dispatch: messages a worker echoes before it yields
-    linger: float = 0.0  # ready dispatch: seconds a worker waits for a next message if idle
+    # ready dispatch: seconds a worker with nothing else waiting keeps its connection for
+    # the next message (a ping-pong client's next message then costs no hand-offs); the
+    # floods hold with it (docs/performance.md)
+    linger: float = 0.002
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "--model", f"must be one of {', '.join(MODELS)}")
@@ -267,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--linger",
         help="ready dispatch: seconds a worker with nothing else to do waits on its connection "
-        "for the next message before parking it; 0 parks at once [ECHO_LINGER, default 0]",
+        "for the next message before parking it; 0 parks at once [ECHO_LINGER, default "
+        f"{Config.linger:g}]",
     )
     add(
         "--ready-file",

@@ -43,8 +43,10 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
     servers = [
         "executor/ready",
         "executor/connection",
+        "executor/ready/no-linger",
         "queue/ready",
         "queue/connection",
+        "queue/ready/no-linger",
         "threads",
         "asyncio",
         "uvloop-streams",

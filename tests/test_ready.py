@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -213,3 +214,19 @@ def test_the_dispatch_wait_histogram_counts_every_turn(model: str) -> None:
         assert server.sample("echo_dispatch_wait_seconds_count") == turns
         assert server.sample("echo_dispatch_wait_seconds_bucket", le="+Inf") == turns
         assert server.sample("echo_dispatch_wait_seconds_sum") > 0
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_worker_with_nothing_else_to_do_keeps_a_talking_connection(model: str) -> None:
+    # Lingering (on by default): a ping-pong client's next message arrives well within
+    # the linger, so most messages need no turn of their own.
+    turns: dict[float | None, int] = {}
+    for linger in (None, 0.0):
+        overrides: dict[str, Any] = {} if linger is None else {"linger": linger}
+        with running(model, workers=2, **overrides) as server, connect(server.address) as sock:
+            for n in range(200):
+                assert roundtrip(sock, b"%d" % n) == b"%d" % n
+            turns[linger] = server.stats.started.value
+    # Parking at once, a turn ends as soon as nothing more has arrived (here 60% of the
+    # messages needed one); lingering, a turn ends only when the client falls quiet.
+    assert turns[None] <= 100 and 3 * turns[None] <= turns[0.0], turns
