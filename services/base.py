@@ -172,12 +172,17 @@ class Server(ABC):
             if on_ready is not None:
                 on_ready()
             try:
+                pause = _OUT_OF_MEMORY_PAUSE
                 while not self._stopping.is_set():
                     try:
                         self._turn(listener, selector)
+                        pause = _OUT_OF_MEMORY_PAUSE
                     except MemoryError:  # select() and the hooks allocate too: carry on
+                        # Backing off leaves the CPU and the GIL to the threads whose
+                        # ending frees memory; retrying at once kept the process starved.
                         self._warn.warning("out of memory in the event loop; carrying on")
-                        time.sleep(_OUT_OF_MEMORY_PAUSE)
+                        time.sleep(pause)
+                        pause = min(pause * 2, _TICK)
             finally:
                 self.on_loop_end()
 

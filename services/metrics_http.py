@@ -29,7 +29,7 @@ from collections import OrderedDict
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from services.accepting import BACKOFF_FIRST, accept_connection, next_backoff
+from services.accepting import BACKOFF_FIRST, BACKOFF_MAX, accept_connection, next_backoff
 from services.base import PortInUseError
 from services.logs import RateLimitedLog, quietly
 
@@ -114,12 +114,15 @@ class MetricsServer:
         with selectors.DefaultSelector() as selector:
             selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
+            pause = BACKOFF_FIRST
             while not self._stop.is_set():
                 try:
                     self._turn(selector)
-                except MemoryError:  # select() allocates too: the loop must outlive it
-                    self._out_of_memory()
-                    time.sleep(BACKOFF_FIRST)
+                    pause = BACKOFF_FIRST
+                except MemoryError:  # select() allocates too: the loop must outlive it,
+                    self._out_of_memory()  # and back off as the event loop does
+                    time.sleep(pause)
+                    pause = min(pause * 2, BACKOFF_MAX)
 
     def _turn(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()

@@ -131,10 +131,14 @@ def test_thread_count_follows_open_connections() -> None:
 
 
 def test_refused_thread_is_counted_and_the_server_keeps_serving(tmp_path: Path) -> None:
-    # As root RLIMIT_NPROC does not bind; an address-space limit does. With 64 KiB
-    # stacks, 64 MiB of address space holds a few hundred connection threads.
+    # As root RLIMIT_NPROC does not bind; an address-space limit does. With 8 MiB
+    # stacks (the platform's default) 64 MiB of address space holds a few threads, and
+    # runs out on a thread's stack with room left for the interpreter: what refusing
+    # a thread needs. Exhausted to the last byte (64 KiB stacks, a few hundred threads)
+    # CPython itself may abort or wedge; that is the memory-cap flood test's case.
+    stacks = ("--stack-size", str(8 * 2**20))
     with server_process(
-        tmp_path, "--model", "threads", code=UNDER_AS_LIMIT, code_args=("64",)
+        tmp_path, "--model", "threads", *stacks, code=UNDER_AS_LIMIT, code_args=("64",)
     ) as server:
         with open_connections(server.address, 2000):
             wait_until(lambda: "cannot start a thread" in server.log(), what="a refused thread")
