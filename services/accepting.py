@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
+from collections.abc import Callable
 
 # accept() fails with these when the process or the system runs out of descriptors or
 # memory; retrying at once would spin a core, so back off.
@@ -29,6 +31,27 @@ def next_backoff(code: int, backoff: float) -> float:
     """
     first = BACKOFF_FIRST if code in EXHAUSTION else BACKOFF_FIRST_OTHER
     return min(max(backoff * 2, first), BACKOFF_MAX)
+
+
+def turn_until(
+    stopped: Callable[[], bool], turn: Callable[[], None], out_of_memory: Callable[[], None]
+) -> None:
+    """Run a loop's `turn` until `stopped()`, outliving turns that run out of memory.
+
+    select() and every hook allocate, so a loop that must outlive the floods cannot
+    let MemoryError end it; after such a turn it pauses as accept does (10 ms, doubling
+    to 1 s while memory stays out), which leaves the CPU and the GIL to the threads
+    whose ending frees memory: retrying at once kept the process starved.
+    """
+    pause = 0.0
+    while not stopped():
+        try:
+            turn()
+            pause = 0.0
+        except MemoryError:
+            out_of_memory()
+            pause = next_backoff(errno.ENOMEM, pause)
+            time.sleep(pause)
 
 
 def accept_connection(listener: socket.socket) -> socket.socket:

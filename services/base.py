@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
 
-from services.accepting import accept_connection, next_backoff
+from services.accepting import accept_connection, next_backoff, turn_until
 from services.concurrency import SharedCounter
 from services.config import Config
 from services.echo import close_reason_for, echo
@@ -31,7 +31,6 @@ _ACCEPT_BATCH = 64  # accepts per wake-up, so the loop still notices a stop requ
 _TICK = 1.0  # the accept loop wakes at least this often (watchdog heartbeat)
 _DRAIN = 1.0  # seconds open connections get to finish after a stop request
 _WORKERS_GRACE = 2.0  # then seconds for workers to end once their connections are cut
-_OUT_OF_MEMORY_PAUSE = 0.01  # before the event loop's next turn, when its last one ran out
 
 
 class PortInUseError(OSError):
@@ -172,17 +171,11 @@ class Server(ABC):
             if on_ready is not None:
                 on_ready()
             try:
-                pause = _OUT_OF_MEMORY_PAUSE
-                while not self._stopping.is_set():
-                    try:
-                        self._turn(listener, selector)
-                        pause = _OUT_OF_MEMORY_PAUSE
-                    except MemoryError:  # select() and the hooks allocate too: carry on
-                        # Backing off leaves the CPU and the GIL to the threads whose
-                        # ending frees memory; retrying at once kept the process starved.
-                        self._warn.warning("out of memory in the event loop; carrying on")
-                        time.sleep(pause)
-                        pause = min(pause * 2, _TICK)
+                turn_until(
+                    self._stopping.is_set,
+                    partial(self._turn, listener, selector),
+                    partial(self._warn.warning, "out of memory in the event loop; carrying on"),
+                )
             finally:
                 self.on_loop_end()
 

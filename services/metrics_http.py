@@ -26,10 +26,11 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from services.accepting import BACKOFF_FIRST, BACKOFF_MAX, accept_connection, next_backoff
+from services.accepting import accept_connection, next_backoff, turn_until
 from services.base import PortInUseError
 from services.logs import RateLimitedLog, quietly
 
@@ -114,15 +115,7 @@ class MetricsServer:
         with selectors.DefaultSelector() as selector:
             selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
-            pause = BACKOFF_FIRST
-            while not self._stop.is_set():
-                try:
-                    self._turn(selector)
-                    pause = BACKOFF_FIRST
-                except MemoryError:  # select() allocates too: the loop must outlive it,
-                    self._out_of_memory()  # and back off as the event loop does
-                    time.sleep(pause)
-                    pause = min(pause * 2, BACKOFF_MAX)
+            turn_until(self._stop.is_set, partial(self._turn, selector), self._out_of_memory)
 
     def _turn(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()

@@ -8,15 +8,17 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import services.accepting
 import services.base
 import services.echo
 import services.models.threads as threads_model
 import services.ready
-from services.accepting import accept_connection
+from services.accepting import accept_connection, turn_until
 from services.models import MODELS
 from support import EVENTUALLY, MODES, RunningService, connect, echo_once, running, wait_until
 
@@ -120,6 +122,27 @@ def test_an_accept_that_runs_out_of_memory_closes_the_new_descriptor(
         monkeypatch.undo()
         client.settimeout(EVENTUALLY)
         assert client.recv(1) == b""  # the server's end was closed, not lost
+
+
+def test_a_loop_outlives_turns_that_run_out_of_memory_and_backs_off_while_they_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    outcomes = iter([MemoryError, MemoryError, MemoryError, None, MemoryError, None])
+    pauses: list[float] = []
+    warned = []
+    turns = 0
+
+    def turn() -> None:
+        nonlocal turns
+        turns += 1
+        if (outcome := next(outcomes)) is not None:
+            raise outcome
+
+    monkeypatch.setattr(services.accepting, "time", SimpleNamespace(sleep=pauses.append))
+    turn_until(lambda: turns == 6, turn, lambda: warned.append(turns))
+    assert turns == 6
+    assert warned == [1, 2, 3, 5]
+    assert pauses == [0.01, 0.02, 0.04, 0.01]  # doubling while memory stays out, then anew
 
 
 def test_a_thread_that_dies_before_its_first_line_is_counted_and_its_connection_closed(
