@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import select
 import socket
 import struct
 import time
@@ -47,8 +46,8 @@ def echo(
     view = memoryview(buffer)
     conn.settimeout(None)
     first_wait = None if idle_timeout is None else max(idle_timeout - waited, 0.001)
-    _kernel_timeout(conn, socket.SO_RCVTIMEO, first_wait)
-    _kernel_timeout(conn, socket.SO_SNDTIMEO, send_timeout)
+    set_kernel_timeout(conn, socket.SO_RCVTIMEO, first_wait)
+    set_kernel_timeout(conn, socket.SO_SNDTIMEO, send_timeout)
     received_total = sent_total = messages = 0
     next_flush = time.monotonic() + FLUSH_INTERVAL
     try:
@@ -69,7 +68,7 @@ def echo(
             received_total += received
             if first_wait != idle_timeout:
                 first_wait = idle_timeout
-                _kernel_timeout(conn, socket.SO_RCVTIMEO, idle_timeout)
+                set_kernel_timeout(conn, socket.SO_RCVTIMEO, idle_timeout)
             now = time.monotonic()  # the echo's send timeout runs from here
             try:  # one send() takes a whole echo unless the client has stopped reading
                 sent = conn.send(view[:received])
@@ -104,17 +103,17 @@ def _send_rest(conn: socket.socket, rest: memoryview, timeout: float | None, sta
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            _kernel_timeout(conn, socket.SO_SNDTIMEO, remaining)
+            set_kernel_timeout(conn, socket.SO_SNDTIMEO, remaining)
             try:
                 total += conn.send(rest[total:])
             except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
                 break
         return total
     finally:
-        _kernel_timeout(conn, socket.SO_SNDTIMEO, timeout)
+        set_kernel_timeout(conn, socket.SO_SNDTIMEO, timeout)
 
 
-def _kernel_timeout(conn: socket.socket, option: int, seconds: float | None) -> None:
+def set_kernel_timeout(conn: socket.socket, option: int, seconds: float | None) -> None:
     """Set SO_RCVTIMEO or SO_SNDTIMEO; None (or 0) means wait forever."""
     seconds = seconds or 0.0
     whole = int(seconds)
@@ -145,16 +144,23 @@ def echo_turn(
     unsent: bytes,
     *,
     max_messages: int,
-    linger: float,
+    linger: bool,
+    no_one_waiting: Callable[[], bool],
     turn: Turn,
 ) -> tuple[str, bytes]:
-    """Echo what the client has sent, on a non-blocking socket, without waiting for more.
+    """Echo what the client has sent without ever blocking on a send.
 
     First hands the kernel what an earlier turn could not (`unsent`), then reads and
-    echoes until nothing more has arrived, the client closes, or `max_messages` were
-    echoed (so that one busy client cannot keep a worker from the others). With
-    `linger`, waits that long for a next message before giving up the connection:
-    for a ping-pong client, that saves parking it and waking a worker again.
+    echoes until nothing more has arrived or the client closes. Every `max_messages`
+    it yields the connection if another one waits for a worker (`no_one_waiting()`
+    says no), so that one busy client cannot keep a worker from the others.
+
+    With `linger`, while no one waits for a worker, it waits for the next message
+    itself, for as long as the socket's receive timeout (SO_RCVTIMEO, the caller's):
+    for a ping-pong client that saves parking it and waking a worker again, and the
+    blocking recv() costs one system call, where polling first cost two and an
+    exception. The socket is in blocking mode for that; every other call passes
+    MSG_DONTWAIT.
 
     Returns what the connection waits for next and the echo the client has not taken
     yet: ("read", b""), ("write", rest), or a close reason ("eof") with b"". Every
@@ -166,12 +172,11 @@ def echo_turn(
         turn.sent += sent
         if sent < len(unsent):
             return "write", unsent[sent:]
-    while turn.messages < max_messages:
+    wait = False  # block (up to the linger) for the next message
+    while True:
         try:
-            received = conn.recv_into(buffer)
-        except BlockingIOError:
-            if linger and _readable_within(conn, linger):
-                continue
+            received = conn.recv_into(buffer, 0, 0 if wait else socket.MSG_DONTWAIT)
+        except BlockingIOError:  # nothing more for now, or not within the linger
             return "read", b""
         if received == 0:
             return "eof", b""
@@ -181,17 +186,16 @@ def echo_turn(
         turn.sent += sent
         if sent < received:
             return "write", bytes(buffer[sent:received])
-    return "read", b""
+        at_cap = turn.messages % max_messages == 0
+        if at_cap or linger:
+            free = no_one_waiting()
+            if at_cap and not free:
+                return "read", b""
+            wait = linger and free
 
 
 def _send_some(conn: socket.socket, data: bytes | memoryview) -> int:
     try:
-        return conn.send(data)
+        return conn.send(data, socket.MSG_DONTWAIT)
     except BlockingIOError:
         return 0
-
-
-def _readable_within(conn: socket.socket, seconds: float) -> bool:
-    poller = select.poll()
-    poller.register(conn, select.POLLIN)
-    return bool(poller.poll(seconds * 1000))

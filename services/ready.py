@@ -33,7 +33,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from services.concurrency import SharedCounter
-from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn
+from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn, set_kernel_timeout
 from services.logs import quietly
 from services.stats import persist
 
@@ -84,7 +84,11 @@ class ReadyDispatch:
 
     def admit(self, sock: socket.socket) -> None:
         """A new connection, already counted as `waiting`: park it until it sends."""
-        sock.setblocking(False)
+        # Blocking mode, so that a lingering worker waits in recv() itself, for at most
+        # the linger (SO_RCVTIMEO); every other call passes MSG_DONTWAIT (echo_turn).
+        sock.setblocking(True)
+        if self._config.linger:
+            set_kernel_timeout(sock, socket.SO_RCVTIMEO, self._config.linger)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._park(Connection(sock, time.monotonic()), "read")
@@ -228,7 +232,8 @@ class ReadyDispatch:
                     self._buffer(),
                     conn.unsent,
                     max_messages=self._config.turn_messages,
-                    linger=self._linger(),
+                    linger=bool(self._config.linger),
+                    no_one_waiting=self._no_one_waiting,
                     turn=turn,
                 )
         except OSError as error:
@@ -278,10 +283,11 @@ class ReadyDispatch:
             outcome = "shutdown" if self._server.stopping else "error"
         self._close(conn, state, outcome)
 
-    def _linger(self) -> float:
-        """Lingering only pays while no other connection waits for a worker."""
-        linger = self._config.linger
-        return linger if linger and not self._stats.queued.value else 0.0
+    def _no_one_waiting(self) -> bool:
+        """Whether every connection handed to the pool has a worker free to take it, even
+        with this one kept: only then may a worker linger or go past a turn's cap."""
+        stats = self._stats
+        return stats.queued.value <= self._config.workers - stats.busy.value
 
     def _buffer(self) -> memoryview:
         buffer: memoryview | None = getattr(self._buffers, "view", None)

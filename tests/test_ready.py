@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from services.echo import READ_SIZE, Turn, echo_turn, set_kernel_timeout
 from support import (
     EVENTUALLY,
     connect,
@@ -230,3 +231,63 @@ def test_a_worker_with_nothing_else_to_do_keeps_a_talking_connection(model: str)
     # Parking at once, a turn ends as soon as nothing more has arrived (here 60% of the
     # messages needed one); lingering, a turn ends only when the client falls quiet.
     assert turns[None] <= 100 and 3 * turns[None] <= turns[0.0], turns
+
+
+@contextlib.contextmanager
+def turn_in_thread(
+    server_end: socket.socket, *, no_one_waiting: bool, linger: float
+) -> Iterator[tuple[threading.Thread, list[tuple[str, bytes]], Turn]]:
+    """echo_turn() on `server_end` in a thread, as a worker runs it (blocking socket,
+    the linger as its receive timeout); yields the thread, its outcome and its turn."""
+    server_end.setblocking(True)
+    set_kernel_timeout(server_end, socket.SO_RCVTIMEO, linger)
+    outcome: list[tuple[str, bytes]] = []
+    turn = Turn()
+    buffer = memoryview(bytearray(READ_SIZE))
+
+    def serve() -> None:
+        outcome.append(
+            echo_turn(
+                server_end,
+                buffer,
+                b"",
+                max_messages=16,
+                linger=True,
+                no_one_waiting=lambda: no_one_waiting,
+                turn=turn,
+            )
+        )
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield thread, outcome, turn
+    finally:
+        thread.join(EVENTUALLY)
+
+
+def test_a_worker_lingers_on_its_connection_only_while_no_one_waits() -> None:
+    # Someone waits: after the echo the worker gives the connection back at once, though
+    # its receive timeout (0: forever) would let it wait.
+    client, server_end = socket.socketpair()
+    with client, server_end:
+        client.settimeout(EVENTUALLY)
+        client.sendall(b"a")
+        with turn_in_thread(server_end, no_one_waiting=False, linger=0.0) as (thread, out, turn):
+            assert client.recv(16) == b"a"
+            thread.join(EVENTUALLY)
+            if thread.is_alive():
+                client.shutdown(socket.SHUT_WR)  # let it go before failing
+            assert not thread.is_alive(), "the worker kept the connection while others waited"
+        assert out == [("read", b"")] and turn.messages == 1
+    # No one waits: the same worker waits for the next message in the same turn.
+    client, server_end = socket.socketpair()
+    with client, server_end:
+        client.settimeout(EVENTUALLY)
+        client.sendall(b"a")  # a turn starts when the connection is readable
+        with turn_in_thread(server_end, no_one_waiting=True, linger=EVENTUALLY) as (_, out, turn):
+            assert client.recv(16) == b"a"
+            for payload in (b"b", b"c"):
+                assert roundtrip(client, payload) == payload
+            client.shutdown(socket.SHUT_WR)
+        assert out == [("eof", b"")] and turn.messages == 3
