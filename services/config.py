@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--turn-messages",
         help="ready dispatch: messages a worker echoes on one connection before it serves "
-        "the others [ECHO_TURN_MESSAGES, default 16]",
+        "the others, if others wait [ECHO_TURN_MESSAGES, default 16]",
     )
     add(
         "--linger",
