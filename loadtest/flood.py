@@ -49,6 +49,8 @@ def format_flood_table(runs: Sequence[FloodRun]) -> str:
             **{f"rejected {k}": v for k, v in s.rejected.items()},
             **{f"closed {k}": v for k, v in s.closed.items() if k != "eof"},
         }
+        if s.listen_overflows:  # never reached the server: dropped by the kernel
+            cut["accept queue full"] = s.listen_overflows
         cut_text = ", ".join(f"{k} {v:.0f}" for k, v in cut.items()) or "-"
         back = "never" if s.recovered_after is None else f"{s.recovered_after:.1f}s"
         lines.append(

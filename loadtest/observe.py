@@ -101,6 +101,7 @@ _WANTED = {
     "workers_busy": "echo_workers_busy",
     "accepted": "echo_connections_accepted_total",
     "thread_start_failures": "echo_thread_start_failures_total",
+    "listen_overflows": "echo_listen_overflows_total",
     "start_time": "process_start_time_seconds",
 }
 

@@ -69,6 +69,7 @@ class Summary:
     rejected: dict[str, float]
     closed: dict[str, float]
     thread_start_failures: float
+    listen_overflows: float  # handshakes the kernel dropped, its accept queue full
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -202,13 +203,16 @@ def judge_flood(
         longest_metrics_silence=longest_silence(samples, timeline.run_end),
         rejected=_growth(good, "rejected"),
         closed=_growth(good, "closed"),
-        thread_start_failures=(
-            good[-1].values.get("thread_start_failures", 0.0)
-            - good[0].values.get("thread_start_failures", 0.0)
-            if good
-            else 0.0
-        ),
+        thread_start_failures=_value_growth(good, "thread_start_failures"),
+        listen_overflows=_value_growth(good, "listen_overflows"),
     )
+
+
+def _value_growth(samples: list[Sample], key: str) -> float:
+    """How much an unlabelled counter grew over the run (0 when never scraped)."""
+    if not samples:
+        return 0.0
+    return samples[-1].values.get(key, 0.0) - samples[0].values.get(key, 0.0)
 
 
 def _growth(samples: list[Sample], field: str) -> dict[str, float]:

@@ -11,6 +11,7 @@ import errno
 import logging
 import selectors
 import socket
+import struct
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -29,6 +30,7 @@ log = logging.getLogger("echo.server")
 
 _ACCEPT_BATCH = 64  # accepts per wake-up, so the loop still notices a stop request
 _TICK = 1.0  # the accept loop wakes at least this often (watchdog heartbeat)
+_TCP_INFO_SIZE = 32  # enough of struct tcp_info for accept_queue()
 _DRAIN = 1.0  # seconds open connections get to finish after a stop request
 _WORKERS_GRACE = 2.0  # then seconds for workers to end once their connections are cut
 
@@ -112,6 +114,21 @@ class Server(ABC):
             raise RuntimeError("bind() first")
         host, port = self._listener.getsockname()[:2]
         return host, port
+
+    def accept_queue(self) -> tuple[int, int] | None:
+        """(connections the kernel has completed that wait for accept(), the most that
+        may), from TCP_INFO on the listener; None when it is closed or not TCP."""
+        listener = self._listener
+        if listener is None:
+            return None
+        try:
+            info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        except OSError:  # closed while stopping
+            return None
+        # struct tcp_info: eight one-byte fields, then u32 rto, ato, snd_mss, rcv_mss,
+        # unacked, sacked; on a listener `unacked` is the accept queue and `sacked` its cap.
+        unacked, sacked = struct.unpack_from("II", info, 24)
+        return unacked, sacked
 
     def close(self) -> None:
         """Release the sockets of a server that will never serve."""

@@ -102,6 +102,20 @@ class EchoCollector(Collector):
             buckets=buckets,
             sum_value=total,
         )
+        if (queue := server.accept_queue()) is not None:
+            yield _gauge(
+                "accept_queue",
+                "Connections the kernel has completed that wait for accept().",
+                queue[0],
+            )
+            yield _gauge("accept_queue_capacity", "The listen backlog in effect.", queue[1])
+        if (overflows := procfs.listen_overflows()) is not None:
+            yield _counter(
+                "listen_overflows",
+                "Handshakes dropped because an accept queue was full, in this network "
+                "namespace (a container's own; on a shared host, every listener's).",
+                overflows,
+            )
         yield _gauge("threads", "Live OS threads in the process.", os_thread_count())
         yield _counter(
             "thread_start_failures",

@@ -75,3 +75,17 @@ def pid_limit(
                 value = (directory / "pids.max").read_text().strip()
                 return None if value == "max" else int(value)
     return None
+
+
+def listen_overflows() -> int | None:
+    """Times an accept queue in this process's network namespace was full and a
+    completed handshake was dropped (TcpExt ListenOverflows); None where /proc has no
+    such counter. In a container that is the container's own listeners."""
+    try:
+        lines = Path("/proc/self/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:") and "ListenOverflows" in names.split():
+            return int(values.split()[names.split().index("ListenOverflows")])
+    return None

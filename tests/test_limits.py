@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from services import procfs
 from services.app import Service
 from services.launcher import UNDER_AS_LIMIT
 from services.models import MODELS
 from support import (
+    EVENTUALLY,
     ServerProcess,
     config,
     connect,
@@ -187,3 +189,39 @@ def test_metrics_answer_while_1000_idle_connections_sit_on_the_echo_port(
             assert metric(scraped, "echo_connections_active") == 96
             assert metric(scraped, "echo_connections_rejected_total", reason="queue_full") == 904
             assert threads < 50
+
+
+def test_the_accept_queue_and_its_overflows_are_measured() -> None:
+    # A server that listens but does not accept yet: completed handshakes queue in the
+    # kernel, and past the backlog they are dropped (the SYN-retry stalls of a flood).
+    server = MODELS["executor"].server_class()(config("executor", backlog=2))
+    server.bind()
+    overflows_before = procfs.listen_overflows()
+    clients = []
+    try:
+        for _ in range(3):
+            clients.append(socket.create_connection(server.address, timeout=EVENTUALLY))
+        wait_until(lambda: server.accept_queue() == (3, 2), what="three queued in the kernel")
+        for _ in range(4):  # past the backlog: their last handshake step is dropped
+            late = socket.socket()
+            late.setblocking(False)
+            late.connect_ex(server.address)
+            clients.append(late)
+        wait_until(
+            lambda: (procfs.listen_overflows() or 0) > (overflows_before or 0),
+            what="the kernel to count the overflow",
+        )
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+    assert overflows_before is not None
+    assert server.accept_queue() is None  # closed
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_accept_queue_is_exported(model: str) -> None:
+    with running(model, backlog=64) as server:
+        assert server.sample("echo_accept_queue_capacity") == 64
+        assert server.service.registry.get_sample_value("echo_accept_queue") == 0
+        assert server.service.registry.get_sample_value("echo_listen_overflows_total") is not None

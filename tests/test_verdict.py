@@ -156,3 +156,12 @@ def test_an_attack_shorter_than_the_settle_time_judges_nothing() -> None:
     assert summary.verdict == "degraded"
     assert summary.probes_judged == 0
     assert "did not outlast the settle time (5 s)" in summary.reasons[0]
+
+
+def test_handshakes_dropped_at_a_full_accept_queue_are_counted_over_the_run() -> None:
+    run = samples()
+    for sample in run:  # the kernel's counter: 7 before the attack, 7 + 40 a second in it
+        sample.values["listen_overflows"] = 7 + 40 * min(max(sample.at - 2.0, 0.0), 30.0)
+    summary = judge_flood(run, probes(always), ATTACK, Limits())
+    assert summary.listen_overflows == 1200
+    assert judge_flood(samples(), probes(always), ATTACK, Limits()).listen_overflows == 0
