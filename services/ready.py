@@ -86,7 +86,10 @@ class ReadyDispatch:
         """A new connection, already counted as `waiting`: park it until it sends."""
         # Blocking mode, so that a lingering worker waits in recv() itself, for at most
         # the linger (SO_RCVTIMEO); every other call passes MSG_DONTWAIT (echo_turn).
-        sock.setblocking(True)
+        # An accepted socket is blocking already, and setblocking() is a system call
+        # that hands the GIL away from the loop's thread: only when it is not.
+        if sock.gettimeout() is not None:
+            sock.setblocking(True)
         if self._config.linger:
             set_kernel_timeout(sock, socket.SO_RCVTIMEO, self._config.linger)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
