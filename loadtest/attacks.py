@@ -175,8 +175,11 @@ class Attack(threading.Thread):
         sock.setblocking(False)
         if self.plan.scenario == "slow-reader":
             # Small buffers: the server's echo stalls after kilobytes, not megabytes of
-            # kernel memory per connection.
+            # kernel memory per connection, and the attacker's own unsent data stays
+            # kilobytes too (on loopback its queues share the host's TCP memory with the
+            # server's: 2,000 of them left to grow took 1.5 GiB of it).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         code = sock.connect_ex(self.plan.address)
         if code not in (0, errno.EINPROGRESS):
             self._failed_connect(sock, code)

@@ -259,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--output-budget",
         help="ready dispatch: bytes of echoes that clients have not taken, over all "
-        "connections; over it the longest-stalled reader is closed [ECHO_OUTPUT_BUDGET, "
-        "default 4194304]",
+        "connections; past half of it echoes wait in the kernel, over it the "
+        "longest-stalled reader is closed [ECHO_OUTPUT_BUDGET, default 4194304]",
     )
     add(
         "--turn-messages",

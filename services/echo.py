@@ -147,6 +147,7 @@ def echo_turn(
     linger: bool,
     no_one_waiting: Callable[[], bool],
     turn: Turn,
+    hold_back: bool = False,
 ) -> tuple[str, bytes]:
     """Echo what the client has sent without ever blocking on a send.
 
@@ -162,6 +163,12 @@ def echo_turn(
     exception. The socket is in blocking mode for that; every other call passes
     MSG_DONTWAIT.
 
+    With `hold_back` (the server's memory for unsent echoes is running short) it takes
+    from the kernel only what it could echo: it peeks, sends, and then reads exactly
+    what was sent, so an echo the client does not take stays in the kernel's buffers
+    and TCP's window stops the client; nothing is returned as unsent. It costs a
+    system call more per message, so only under that pressure.
+
     Returns what the connection waits for next and the echo the client has not taken
     yet: ("read", b""), ("write", rest), or a close reason ("eof") with b"". Every
     byte read is echoed or returned as unsent before this returns. Socket errors
@@ -173,18 +180,25 @@ def echo_turn(
         if sent < len(unsent):
             return "write", unsent[sent:]
     wait = False  # block (up to the linger) for the next message
+    peek = socket.MSG_PEEK if hold_back else 0
     while True:
         try:
-            received = conn.recv_into(buffer, 0, 0 if wait else socket.MSG_DONTWAIT)
+            received = conn.recv_into(buffer, 0, peek | (0 if wait else socket.MSG_DONTWAIT))
         except BlockingIOError:  # nothing more for now, or not within the linger
             return "read", b""
         if received == 0:
             return "eof", b""
-        turn.received += received
-        turn.messages += 1
         sent = _send_some(conn, buffer[:received])
-        turn.sent += sent
-        if sent < received:
+        stalled = sent < received
+        if peek:
+            if sent:  # take from the kernel what went out: it is there, peeked
+                conn.recv_into(buffer, sent, socket.MSG_DONTWAIT)
+            received = sent
+        if received:
+            turn.received += received
+            turn.sent += sent
+            turn.messages += 1
+        if stalled:
             return "write", bytes(buffer[sent:received])
         at_cap = turn.messages % max_messages == 0
         if at_cap or linger:

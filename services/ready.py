@@ -14,8 +14,13 @@ The loop also enforces what used to need a worker's blocking socket:
 - idle timeout, from the connection's last byte;
 - send timeout: a `writing` connection that took nothing for that long is closed
   as `slow_reader`;
-- an output budget: over it, the longest-stalled writer is closed, so a flood of
-  slow readers cannot fill the memory;
+- an output budget for echoes read but not yet taken: past half of it, workers read
+  from a client only what they could echo, and the rest waits in the kernel, where
+  TCP's window holds the client back; over all of it (turns under way overshoot),
+  the longest-stalled writer holding an echo is closed. So a flood of slow readers
+  cannot fill the memory, and is not made to churn either: closing slow readers to
+  make room let an attacker that reconnects at once cost the server a connection's
+  setup a millisecond (the containers fell behind at half a CPU);
 - the connection cap: at it, the connection quiet longest is evicted for the
   newcomer, never one in a worker or with an echo in flight.
 """
@@ -29,6 +34,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -61,6 +67,21 @@ class Connection:
         self.unsent = b""  # echo the client has not taken yet
         self.stalled_since = now  # the last progress sending `unsent`
         self.ready_at = now  # when the loop handed it to the pool
+
+
+def over_budget(writers: Iterable[Connection], pending: int, budget: int) -> list[Connection]:
+    """The writers to close to bring `pending` bytes of unsent echoes within `budget`: the
+    longest stalled first (`writers` is in stall order), and only those that hold an echo;
+    one whose echo waits in the kernel (held back, see `serve_turn`) costs the budget
+    nothing, and closing it would free nothing."""
+    closing = []
+    for conn in writers:
+        if pending <= budget:
+            break
+        if conn.unsent:
+            closing.append(conn)
+            pending -= len(conn.unsent)
+    return closing
 
 
 class ReadyDispatch:
@@ -154,8 +175,10 @@ class ReadyDispatch:
             return
         if self._handbacks:
             self._server.wake()  # more than one wake's worth: come back after the rest
-        while self._writing and self._stats.pending_output.value > self._config.output_budget:
-            self._close_parked(next(iter(self._writing)), "slow_reader")
+        pending, budget = self._stats.pending_output.value, self._config.output_budget
+        if pending > budget:
+            for conn in over_budget(self._writing, pending, budget):
+                self._close_parked(conn, "slow_reader")
 
     def next_deadline(self, now: float) -> float:
         deadlines = [now + 1.0]
@@ -238,6 +261,9 @@ class ReadyDispatch:
                     linger=bool(self._config.linger),
                     no_one_waiting=self._no_one_waiting,
                     turn=turn,
+                    # Half the budget used: echo only what the client takes, and leave
+                    # the rest in the kernel, where TCP's window holds the client back.
+                    hold_back=stats.pending_output.value > self._config.output_budget // 2,
                 )
         except OSError as error:
             outcome = close_reason_for(error)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from services.echo import READ_SIZE, Turn, echo_turn, set_kernel_timeout
+from services.ready import Connection, over_budget
 from support import (
     EVENTUALLY,
     connect,
@@ -123,20 +124,86 @@ def test_slow_readers_are_closed_and_never_hold_a_worker(model: str) -> None:
 
 
 @pytest.mark.parametrize("model", BOUNDED)
-def test_the_output_budget_closes_the_longest_stalled_reader(model: str) -> None:
-    budget = 256 * 1024
-    with running(model, workers=2, send_timeout=60.0, output_budget=budget) as server:
+def test_past_half_the_output_budget_echoes_wait_in_the_kernel_and_nothing_is_lost(
+    model: str,
+) -> None:
+    budget, workers = 256 * 1024, 2
+    with running(model, workers=workers, send_timeout=60.0, output_budget=budget) as server:
         readers = [slow_reader(server.address) for _ in range(40)]
         try:
-            wait_until(
-                lambda: server.sample("echo_connections_closed_total", reason="slow_reader") >= 1,
-                what="the budget to close a reader (the send timeout is 60 s)",
-            )
-            assert server.sample("echo_pending_output_bytes") <= budget + 8 * 65536
+            peak = 0.0
+
+            def all_stalled() -> bool:
+                nonlocal peak
+                peak = max(peak, server.sample("echo_pending_output_bytes"))
+                return server.sample("echo_connections", state="writing") >= len(readers)
+
+            wait_until(all_stalled, what="every slow reader stalled on its echo")
+            # Past half the budget nothing more is read than echoed: only turns already
+            # under way when it was crossed add to it, a read (64 KiB) each.
+            assert peak <= budget // 2 + workers * READ_SIZE, peak
+            # So no one had to be closed to make room (the send timeout is 60 s).
+            assert server.sample("echo_connections_closed_total", reason="slow_reader") == 0
             assert is_served(server.address)
         finally:
             for sock in readers:
                 sock.close()
+
+
+def test_over_the_budget_the_longest_stalled_writer_holding_an_echo_is_closed() -> None:
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        # In stall order; the first holds nothing (its echo waits in the kernel).
+        writers = [Connection(server_end, 0.0) for server_end, _ in pairs]
+        unsents = (b"", b"a" * 40_000, b"b" * 30_000, b"c" * 40_000)
+        for conn, unsent in zip(writers, unsents, strict=True):
+            conn.unsent = unsent
+        assert over_budget(writers, 110_000, 110_000) == []
+        assert over_budget(writers, 110_001, 110_000) == [writers[1]]
+        assert over_budget(writers, 110_000, 50_000) == [writers[1], writers[2]]
+        assert over_budget(writers, 110_000, 0) == writers[1:]
+        assert over_budget(writers[:1], 10_000, 0) == []  # closing it would free nothing
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
+def test_a_held_back_echo_is_taken_only_as_the_client_reads_and_arrives_whole() -> None:
+    client, server_end = socket.socketpair()
+    with client, server_end:
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # stalls soon
+        client.setblocking(False)
+        sent = bytearray()
+        with contextlib.suppress(BlockingIOError):  # fill everything between the two
+            while True:
+                chunk = os.urandom(65536)
+                sent += chunk[: client.send(chunk)]
+        buffer = memoryview(bytearray(READ_SIZE))
+        echoed = bytearray()
+        for _ in range(10_000):  # bounded: each round the client reads what came back
+            turn = Turn()
+            outcome = echo_turn(
+                server_end,
+                buffer,
+                b"",
+                max_messages=16,
+                linger=False,
+                no_one_waiting=lambda: True,
+                turn=turn,
+                hold_back=True,
+            )
+            assert turn.sent == turn.received  # nothing read that was not echoed
+            if outcome == ("read", b""):
+                break
+            assert outcome == ("write", b""), outcome[0]  # the rest stays in the kernel
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    echoed += client.recv(1 << 20)
+        with contextlib.suppress(BlockingIOError):
+            while len(echoed) < len(sent):
+                echoed += client.recv(1 << 20)
+        assert echoed == sent
 
 
 @pytest.mark.parametrize("model", BOUNDED)
