@@ -48,18 +48,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("echo.ready")
 
+_PARKED = ("read", "write", "rest")  # what a connection handed back waits for
 _HANDBACKS_PER_WAKE = 4096  # so a flood of hand-backs cannot starve accept and timeouts
 # The kernel's send buffer per connection (it doubles what it is given). Left to
 # autotuning it grows to 4 MiB on loopback, and a client that never reads makes the
 # server read and echo that much before its echo stalls: 2,000 slow readers kept a
 # half-CPU container busy echoing for them. 64 KiB still takes a whole read's echo.
 SEND_BUFFER = 64 * 1024
+# A writer that woke for writability and could send nothing waits this long before it is
+# watched again: under its own TCP memory pressure the kernel reports sockets writable
+# that take nothing, and watched again at once (or after 50 ms) 2,000 such writers kept
+# a worker and the loop spinning through tens of thousands of empty turns.
+WRITABLE_REST = 0.5
 
 
 class Connection:
     """A connection's state between turns; lives as long as the connection."""
 
-    __slots__ = ("last_active", "ready_at", "sock", "stalled_since", "unsent")
+    __slots__ = (
+        "last_active", "ready_at", "rests_until", "sock", "stalled_since", "unsent", "woke_writable"
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
@@ -67,6 +75,8 @@ class Connection:
         self.unsent = b""  # echo the client has not taken yet
         self.stalled_since = now  # the last progress sending `unsent`
         self.ready_at = now  # when the loop handed it to the pool
+        self.woke_writable = False  # this turn began because the client took some echo
+        self.rests_until = 0.0  # writing but not watched until then (WRITABLE_REST)
 
 
 def over_budget(writers: Iterable[Connection], pending: int, budget: int) -> list[Connection]:
@@ -95,6 +105,7 @@ class ReadyDispatch:
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
         self._writing: OrderedDict[Connection, None] = OrderedDict()
         self._handbacks: deque[tuple[Connection, str]] = deque()  # from workers
+        self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
         self._buffers = threading.local()  # one read buffer per worker, not per connection
 
@@ -133,7 +144,10 @@ class ReadyDispatch:
 
     def _unpark(self, conn: Connection) -> bool:
         """Take a parked connection out of the loop; True if it was waiting to read."""
-        self._selector.unregister(conn.sock)
+        if conn.rests_until:
+            conn.rests_until = 0.0  # not registered; its entry in _resting goes stale
+        else:
+            self._selector.unregister(conn.sock)
         if conn in self._waiting:
             del self._waiting[conn]
             return True
@@ -144,7 +158,8 @@ class ReadyDispatch:
         if conn not in self._waiting and conn not in self._writing:
             return  # closed earlier in the same batch of events (evicted, over budget)
         job = partial(self.serve_turn, conn)
-        state = self._stats.waiting if self._unpark(conn) else self._stats.writing
+        conn.woke_writable = not self._unpark(conn)
+        state = self._stats.writing if conn.woke_writable else self._stats.waiting
         try:
             persist(self._stats.move, state, self._stats.queued)
             state = self._stats.queued
@@ -168,8 +183,15 @@ class ReadyDispatch:
                 self._close(conn, state, "shutdown")
                 continue
             try:
-                self._park(conn, interest)
+                if interest == "rest":
+                    self._writing[conn] = None
+                    conn.rests_until = time.monotonic() + WRITABLE_REST
+                    self._resting.append(conn)
+                else:
+                    self._park(conn, interest)
             except MemoryError:
+                self._writing.pop(conn, None)
+                conn.rests_until = 0.0
                 self._close(conn, state, "error")
         if self._server.stopping:
             return
@@ -186,12 +208,25 @@ class ReadyDispatch:
             deadlines.append(next(iter(self._waiting)).last_active + self._config.idle_timeout)
         if self._config.send_timeout is not None and self._writing:
             deadlines.append(next(iter(self._writing)).stalled_since + self._config.send_timeout)
+        if self._resting:
+            deadlines.append(self._resting[0].rests_until)  # 0 when stale: cleared at once
         return min(deadlines)
 
     def expire(self, now: float) -> None:
         """Close the idle and the stalled, from the front (parked longest ago). The order
         is the parking order, which is close to, not exactly, last-activity order: a
-        connection may wait a little past its timeout behind one parked earlier."""
+        connection may wait a little past its timeout behind one parked earlier. Writers
+        that have rested long enough are watched again."""
+        while self._resting and self._resting[0].rests_until <= now:
+            conn = self._resting.popleft()
+            if conn.rests_until:  # else closed or served since: stale
+                try:
+                    self._selector.register(
+                        conn.sock, selectors.EVENT_WRITE, partial(self._ready, conn)
+                    )
+                    conn.rests_until = 0.0
+                except MemoryError:
+                    self._close_parked(conn, "error")
         idle, send = self._config.idle_timeout, self._config.send_timeout
         if idle is not None:
             while self._waiting:
@@ -276,6 +311,8 @@ class ReadyDispatch:
         finally:
             try:
                 self._settle_turn(conn, turn, outcome, pending_before)
+                if outcome == "write" and conn.woke_writable and not turn.sent:
+                    outcome = "rest"  # woken for room that was not there: see WRITABLE_REST
                 self._after_turn(conn, state, outcome)
             except MemoryError:
                 self._close(conn, state, "error")
@@ -295,7 +332,7 @@ class ReadyDispatch:
     def _after_turn(self, conn: Connection, state: SharedCounter, outcome: str) -> None:
         """Hand a connection (counted in `state`) back to the loop, or close it."""
         stats = self._stats
-        if outcome in ("read", "write") and not self._server.stopping and state is stats.busy:
+        if outcome in _PARKED and not self._server.stopping and state is stats.busy:
             parked = stats.waiting if outcome == "read" else stats.writing
             persist(stats.move, stats.busy, parked)
             try:
@@ -308,7 +345,7 @@ class ReadyDispatch:
             else:
                 self._server.wake()
             return
-        if outcome in ("read", "write"):
+        if outcome in _PARKED:
             outcome = "shutdown" if self._server.stopping else "error"
         self._close(conn, state, outcome)
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+import services.ready
 from services.echo import READ_SIZE, Turn, echo_turn, set_kernel_timeout
-from services.ready import Connection, over_budget
+from services.ready import WRITABLE_REST, Connection, over_budget
 from support import (
     EVENTUALLY,
     connect,
@@ -358,3 +359,25 @@ def test_a_worker_lingers_on_its_connection_only_while_no_one_waits() -> None:
                 assert roundtrip(client, payload) == payload
             client.shutdown(socket.SHUT_WR)
         assert out == [("eof", b"")] and turn.messages == 3
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_writer_woken_without_room_rests_instead_of_spinning(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_room(_sock: socket.socket, _buffer: memoryview, unsent: bytes, **_: Any) -> Any:
+        # A kernel under TCP memory pressure: the socket is reported writable (as this
+        # one, with an empty send buffer, always is) and takes nothing.
+        return "write", unsent
+
+    monkeypatch.setattr(services.ready, "echo_turn", no_room)  # where it is looked up
+    with running(model, workers=2, send_timeout=30.0) as server, connect(server.address) as c:
+        c.sendall(b"x")
+        wait_until(lambda: server.stats.started.value >= 3, what="the writer to be woken")
+        before = server.stats.started.value
+        threading.Event().wait(1.0)  # a window to count turns in, not a wait for an outcome
+        turns = server.stats.started.value - before
+        # Resting WRITABLE_REST between wake-ups: about 2 turns a second, fewer on a slow
+        # machine; watched again at once, it was thousands.
+        assert turns <= 1.0 / WRITABLE_REST + 10, turns
+        assert held_open(c)
