@@ -129,18 +129,25 @@ class ReadyDispatch:
         self._park(Connection(sock, time.monotonic()), "read")
 
     def _park(self, conn: Connection, interest: str) -> None:
-        """Register a connection for `interest`; all or nothing (out of memory included)."""
-        parked, event = (
-            (self._waiting, selectors.EVENT_READ)
-            if interest == "read"
-            else (self._writing, selectors.EVENT_WRITE)
-        )
+        """Park a connection for `interest`: "read", "write", or "rest" (a writer that is
+        not watched until WRITABLE_REST has passed). All or nothing, out of memory
+        included."""
+        parked = self._waiting if interest == "read" else self._writing
         parked[conn] = None
         try:
-            self._selector.register(conn.sock, event, partial(self._ready, conn))
+            if interest == "rest":
+                conn.rests_until = time.monotonic() + WRITABLE_REST
+                self._resting.append(conn)
+            else:
+                self._watch(conn, interest)
         except BaseException:
             del parked[conn]
+            conn.rests_until = 0.0
             raise
+
+    def _watch(self, conn: Connection, interest: str) -> None:
+        event = selectors.EVENT_READ if interest == "read" else selectors.EVENT_WRITE
+        self._selector.register(conn.sock, event, partial(self._ready, conn))
 
     def _unpark(self, conn: Connection) -> bool:
         """Take a parked connection out of the loop; True if it was waiting to read."""
@@ -183,15 +190,8 @@ class ReadyDispatch:
                 self._close(conn, state, "shutdown")
                 continue
             try:
-                if interest == "rest":
-                    self._writing[conn] = None
-                    conn.rests_until = time.monotonic() + WRITABLE_REST
-                    self._resting.append(conn)
-                else:
-                    self._park(conn, interest)
+                self._park(conn, interest)
             except MemoryError:
-                self._writing.pop(conn, None)
-                conn.rests_until = 0.0
                 self._close(conn, state, "error")
         if self._server.stopping:
             return
@@ -221,12 +221,11 @@ class ReadyDispatch:
             conn = self._resting.popleft()
             if conn.rests_until:  # else closed or served since: stale
                 try:
-                    self._selector.register(
-                        conn.sock, selectors.EVENT_WRITE, partial(self._ready, conn)
-                    )
-                    conn.rests_until = 0.0
+                    self._watch(conn, "write")
                 except MemoryError:
-                    self._close_parked(conn, "error")
+                    self._close_parked(conn, "error")  # still resting: nothing to unwatch
+                else:
+                    conn.rests_until = 0.0
         idle, send = self._config.idle_timeout, self._config.send_timeout
         if idle is not None:
             while self._waiting:
