@@ -211,11 +211,18 @@ def test_a_held_back_echo_is_taken_only_as_the_client_reads_and_arrives_whole() 
 def test_at_the_cap_the_quietest_is_evicted_never_one_mid_echo(model: str) -> None:
     with running(model, workers=2, max_connections=50, send_timeout=30.0) as server:
         with connect(server.address) as busy:
-            # A 1 MiB echo that the client takes slowly: its echo is in flight throughout.
-            busy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            # A 1 MiB echo the client does not read until the end: in flight throughout.
+            # (A window far under loopback's MSS would pace the end at a small segment
+            # per delayed ACK: 25 s at 4 KiB, 0.3 s at 16 KiB.)
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
             payload = os.urandom(1 << 20)
             sender = threading.Thread(target=busy.sendall, args=(payload,))
             sender.start()
+            # In flight before the idle ones come: until it sends, it is the quietest.
+            wait_until(
+                lambda: server.sample("echo_connections", state="writing") == 1,
+                what="the echo to stall on the slow client",
+            )
             with open_connections(server.address, 60) as idle:
                 wait_until(
                     lambda: server.sample("echo_connections_closed_total", reason="evicted") >= 11,
