@@ -9,6 +9,7 @@ the held list exactly as it was.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Protocol
@@ -54,9 +55,20 @@ class acquire:  # lowercase: used like a function, `with acquire(a, b):`
     __slots__ = ("_count", "_held", "_ordered", "_start")
 
     def __init__(self, *locks: _Lock) -> None:
-        self._ordered = sorted({id(lock): lock for lock in locks}.values(), key=id)
-        self._count = len(self._ordered)  # counted here: __exit__ calls nothing that allocates
-        self._held: list[_Lock] = []
+        self._set_order(in_lock_order(locks))
+
+    @classmethod
+    def in_order(cls, ordered: tuple[_Lock, ...]) -> acquire:
+        """For locks already put in order by `in_lock_order()`: a step taken on every
+        turn of every connection works its order out once, not on every call."""
+        taking = cls.__new__(cls)
+        taking._set_order(ordered)
+        return taking
+
+    def _set_order(self, ordered: tuple[_Lock, ...]) -> None:
+        self._ordered = ordered
+        self._count = len(ordered)  # counted here: __exit__ calls nothing that allocates
+        self._held: list[_Lock] = []  # both set again by __enter__
         self._start = 0
 
     def __enter__(self) -> None:
@@ -98,7 +110,12 @@ class acquire:  # lowercase: used like a function, `with acquire(a, b):`
             _release(self._ordered, self._count, self._held, self._start)
 
 
-def _release(ordered: list[_Lock], taken: int, held: list[_Lock], start: int) -> None:
+def in_lock_order(locks: Iterable[_Lock]) -> tuple[_Lock, ...]:
+    """Each lock once, in the one global order every `acquire()` takes locks in."""
+    return tuple(sorted({id(lock): lock for lock in locks}.values(), key=id))
+
+
+def _release(ordered: tuple[_Lock, ...], taken: int, held: list[_Lock], start: int) -> None:
     """Release the first `taken` of `ordered`, last first, and forget them as held."""
     while taken:
         taken -= 1
@@ -128,6 +145,12 @@ class SharedCounter:
         with self.lock:
             return self._value
 
+    @property
+    def glance(self) -> int:
+        """The value without taking the lock, so perhaps a step behind an update under
+        way: for a heuristic read on every message, never for a count that must add up."""
+        return self._value
+
     # For multi-counter transactions inside `locked()`: the caller holds the lock.
 
     def add_locked(self, delta: int) -> None:
@@ -155,12 +178,31 @@ def adjust(*changes: tuple[SharedCounter, int]) -> None:
     Readers that need a consistent view take the same locks through
     `snapshot()`; both go through `acquire()`, so they cannot deadlock.
     """
-    with acquire(*(counter.lock for counter, _ in changes)):
-        # Every new value first: adding can allocate, and a MemoryError then must leave
-        # every counter as it was, so that the caller may simply try again.
-        values = [counter._value + delta for counter, delta in changes]
-        for index, (counter, _) in enumerate(changes):
-            counter._value = values[index]
+    Step(*(counter for counter, _ in changes))(*(delta for _, delta in changes))
+
+
+class Step:
+    """`adjust()` for a fixed list of counters, with their locks' order worked out once:
+    the server takes the same few steps on every turn of every connection, and sorting
+    the locks was a third of a step's cost."""
+
+    __slots__ = ("_counters", "_locks")
+
+    def __init__(self, *counters: SharedCounter) -> None:
+        self._counters = counters
+        self._locks = in_lock_order(counter.lock for counter in counters)
+
+    def __call__(self, *deltas: int) -> None:
+        """Add `deltas` to the counters, in their order, as one step."""
+        counters = self._counters
+        with acquire.in_order(self._locks):
+            # Every new value first: adding can allocate, and a MemoryError then must
+            # leave every counter as it was, so that the caller may simply try again.
+            values = [
+                counter._value + delta for counter, delta in zip(counters, deltas, strict=True)
+            ]
+            for counter, value in zip(counters, values, strict=True):
+                counter._value = value
 
 
 def snapshot(*counters: SharedCounter) -> tuple[int, ...]:

@@ -312,12 +312,13 @@ class ReadyDispatch:
                 self._settle_turn(conn, turn, outcome, pending_before)
                 if outcome == "write" and conn.woke_writable and not turn.sent:
                     outcome = "rest"  # woken for room that was not there: see WRITABLE_REST
-                self._after_turn(conn, state, outcome)
+                self._after_turn(conn, state, outcome, turn)
             except MemoryError:
                 self._close(conn, state, "error")
 
     def _settle_turn(self, conn: Connection, turn: Turn, outcome: str, pending_before: int) -> None:
-        """Count what a turn did and restart the connection's clocks."""
+        """Restart the connection's clocks and count its unsent echo (its traffic is
+        counted with the step that parks or closes it)."""
         now = time.monotonic()
         if turn.received:
             conn.last_active = now
@@ -325,15 +326,14 @@ class ReadyDispatch:
             conn.stalled_since = now
         if len(conn.unsent) != pending_before:
             persist(self._stats.pending_output.incr, len(conn.unsent) - pending_before)
-        if turn.received or turn.sent:
-            persist(self._stats.on_traffic, turn.received, turn.sent, turn.messages)
 
-    def _after_turn(self, conn: Connection, state: SharedCounter, outcome: str) -> None:
-        """Hand a connection (counted in `state`) back to the loop, or close it."""
+    def _after_turn(self, conn: Connection, state: SharedCounter, outcome: str, turn: Turn) -> None:
+        """Hand a connection (counted in `state`) back to the loop, or close it; count the
+        turn's traffic either way."""
         stats = self._stats
         if outcome in _PARKED and not self._server.stopping and state is stats.busy:
             parked = stats.waiting if outcome == "read" else stats.writing
-            persist(stats.move, stats.busy, parked)
+            persist(stats.hand_back, parked, turn.received, turn.sent, turn.messages)
             try:
                 self._handbacks.append((conn, outcome))
             except MemoryError:
@@ -344,6 +344,8 @@ class ReadyDispatch:
             else:
                 self._server.wake()
             return
+        if turn.received or turn.sent:
+            persist(stats.on_traffic, turn.received, turn.sent, turn.messages)
         if outcome in _PARKED:
             outcome = "shutdown" if self._server.stopping else "error"
         self._close(conn, state, outcome)
@@ -352,7 +354,7 @@ class ReadyDispatch:
         """Whether every connection handed to the pool has a worker free to take it, even
         with this one kept: only then may a worker linger or go past a turn's cap."""
         stats = self._stats
-        return stats.queued.value <= self._config.workers - stats.busy.value
+        return stats.queued.glance <= self._config.workers - stats.busy.glance
 
     def _buffer(self) -> memoryview:
         buffer: memoryview | None = getattr(self._buffers, "view", None)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from services.concurrency import SharedCounter, adjust, locked, snapshot
+from services.concurrency import SharedCounter, Step, locked, snapshot
 
 REJECT_REASONS = ("queue_full", "thread_start_failed", "out_of_memory", "dispatch_failed")
 CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown", "evicted")
@@ -174,6 +174,14 @@ class ServerStats:
         self.thread_start_failures = SharedCounter()
         self.worker_threads = SharedCounter()
         self.accept_loop_ticks = SharedCounter()
+        # The steps every turn takes, their locks put in order once (see Step).
+        self._moves: dict[tuple[SharedCounter, SharedCounter], Step] = {}
+        self._start = Step(self.queued, self.busy, self.started)
+        self._traffic = Step(self.received_bytes, self.sent_bytes, self.messages)
+        self._hand_backs = {
+            parked: Step(self.busy, parked, self.received_bytes, self.sent_bytes, self.messages)
+            for parked in (self.waiting, self.writing)
+        }
 
     def try_admit(self, capacity: int | None, parked: bool = False) -> bool:
         """Count an accepted connection and admit it (queued for a worker, or `parked`
@@ -190,13 +198,21 @@ class ServerStats:
 
     def move(self, source: SharedCounter, target: SharedCounter) -> None:
         """One connection from one state (or reason) to another, as one step."""
-        adjust((source, -1), (target, 1))
+        step = self._moves.get((source, target))
+        if step is None:  # the first such move; two threads may both make one, harmlessly
+            step = self._moves.setdefault((source, target), Step(source, target))
+        step(-1, 1)
 
     def on_start(self) -> None:
-        adjust((self.queued, -1), (self.busy, 1), (self.started, 1))
+        self._start(-1, 1, 1)
 
     def on_traffic(self, received: int, sent: int, messages: int) -> None:
-        adjust((self.received_bytes, received), (self.sent_bytes, sent), (self.messages, messages))
+        self._traffic(received, sent, messages)
+
+    def hand_back(self, parked: SharedCounter, received: int, sent: int, messages: int) -> None:
+        """A worker's turn ends with its connection parked (`waiting` or `writing`):
+        the move and the turn's traffic as one step, where they were two."""
+        self._hand_backs[parked](-1, 1, received, sent, messages)
 
     def active_connections(self) -> int:
         return sum(snapshot(self.queued, self.busy, self.waiting, self.writing))

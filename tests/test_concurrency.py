@@ -10,6 +10,7 @@ from services import concurrency
 from services.concurrency import (
     LockOrderError,
     SharedCounter,
+    Step,
     acquire,
     adjust,
     held_locks,
@@ -186,6 +187,20 @@ def test_adjust_moves_counters_together() -> None:
     assert snapshot(arrived, queued, busy, done) == (20_000, 0, 0, 20_000)
 
 
+def test_a_step_adds_its_deltas_together_or_not_at_all() -> None:
+    queued, busy, started = (SharedCounter() for _ in range(3))
+    start = Step(queued, busy, started)
+    start(1, 0, 0)
+    start(-1, 1, 1)
+    assert snapshot(queued, busy, started) == (0, 1, 1)
+    with pytest.raises(ValueError):
+        start(-1, 1)  # a delta short: nothing is added
+    assert snapshot(queued, busy, started) == (0, 1, 1)
+    with acquire(busy.lock), pytest.raises(LockOrderError):
+        Step(queued, busy)(1, 1)  # checked like acquire(): one of them is held already
+    assert held_locks() == ()
+
+
 def test_memory_running_out_at_any_step_of_acquire_leaves_nothing_held() -> None:
     # Under an exhausted address space any allocation fails; the address-space flood hit
     # a `finally` that could not release, and every later thread deadlocked on the lock
@@ -193,7 +208,9 @@ def test_memory_running_out_at_any_step_of_acquire_leaves_nothing_held() -> None
     # may allocate (all but a lock's release), one at a time, until one pass gets through.
     outer, inner = threading.Lock(), threading.Lock()
     codes = {
+        concurrency.in_lock_order.__code__,
         acquire.__init__.__code__,
+        acquire._set_order.__code__,
         acquire.__enter__.__code__,
         acquire.__exit__.__code__,
         concurrency._release.__code__,
