@@ -152,9 +152,11 @@ def echo_turn(
     """Echo what the client has sent without ever blocking on a send.
 
     First hands the kernel what an earlier turn could not (`unsent`), then reads and
-    echoes until nothing more has arrived or the client closes. Every `max_messages`
-    it yields the connection if another one waits for a worker (`no_one_waiting()`
-    says no), so that one busy client cannot keep a worker from the others.
+    echoes until a read comes back short of the buffer (the kernel held no more then:
+    asking again would cost a system call to hear so) or the client closes. Every
+    `max_messages` it yields the connection if another one waits for a worker
+    (`no_one_waiting()` says no), so that one busy client cannot keep a worker from
+    the others.
 
     With `linger`, while no one waits for a worker, it waits for the next message
     itself, for as long as the socket's receive timeout (SO_RCVTIMEO, the caller's):
@@ -181,6 +183,7 @@ def echo_turn(
             return "write", unsent[sent:]
     wait = False  # block (up to the linger) for the next message
     peek = socket.MSG_PEEK if hold_back else 0
+    size = len(buffer)
     while True:
         try:
             received = conn.recv_into(buffer, 0, peek | (0 if wait else socket.MSG_DONTWAIT))
@@ -188,6 +191,7 @@ def echo_turn(
             return "read", b""
         if received == 0:
             return "eof", b""
+        drained = received < size  # a stream socket returns all it holds, up to size
         sent = _send_some(conn, buffer[:received])
         stalled = sent < received
         if peek:
@@ -206,6 +210,10 @@ def echo_turn(
             if at_cap and not free:
                 return "read", b""
             wait = linger and free
+        if drained and not wait:
+            # Asking again would cost a system call and an exception to hear "nothing
+            # yet"; the loop's selector says when there is more.
+            return "read", b""
 
 
 def _send_some(conn: socket.socket, data: bytes | memoryview) -> int:
