@@ -234,8 +234,9 @@ class Server(ABC):
 
     def _on_wake(self, wake: socket.socket, _mask: int) -> None:
         with contextlib.suppress(BlockingIOError, InterruptedError):
-            while wake.recv(4096):
-                pass
+            # One read takes every byte (wake() sends one, rarely two, at a time); reading
+            # on until "would block" cost an exception on every wake-up.
+            wake.recv(4096)
         # Only now, after draining: a wake-up asked for from here on sends a byte that
         # is still there for the next select(). Reset before draining, a byte sent in
         # between would be drained while the flag stayed set, and no later wake() would
