@@ -23,7 +23,6 @@ from services.concurrency import SharedCounter
 from services.config import Config
 from services.echo import close_reason_for, echo
 from services.logs import RateLimitedLog, quietly
-from services.ready import ReadyDispatch
 from services.stats import ServerStats, persist
 
 log = logging.getLogger("echo.server")
@@ -402,57 +401,3 @@ class Server(ABC):
         if not finished:
             log.error("workers did not finish within the shutdown deadline")
         return finished
-
-
-class PoolServer(Server):
-    """A model with a fixed pool of `workers`. With `connection` dispatch a connection
-    owns a worker for its life, `queue_size` more may wait, and the rest are turned away
-    at once; with `ready` dispatch connections wait in the event loop (`ReadyDispatch`)
-    and a worker serves one only while it has bytes to echo."""
-
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.ready = ReadyDispatch(self) if config.parks else None
-
-    @abstractmethod
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run `job` on a worker of the pool, in turn. Must not block."""
-
-    def dispatch(self, conn: socket.socket) -> None:
-        if self.ready is not None:
-            self.ready.admit(conn)
-        else:
-            self.submit(partial(self.handle_connection, conn))
-
-    @property
-    def queue_capacity(self) -> int:
-        return self.config.queue_size if self.ready is None else self.config.max_connections
-
-    @property
-    def capacity(self) -> int | None:
-        return self.config.capacity
-
-    def on_loop_start(self, selector: selectors.BaseSelector) -> None:
-        if self.ready is not None:
-            self.ready.on_loop_start(selector)
-
-    def next_deadline(self, now: float) -> float:
-        if self.ready is None:
-            return super().next_deadline(now)
-        return min(super().next_deadline(now), self.ready.next_deadline(now))
-
-    def on_loop_tick(self, now: float) -> None:
-        if self.ready is not None:
-            self.ready.expire(now)
-
-    def on_wake(self) -> None:
-        if self.ready is not None:
-            self.ready.take_back()
-
-    def on_loop_end(self) -> None:
-        if self.ready is not None:
-            self.ready.close_all("shutdown")
-
-    def make_room(self) -> None:
-        if self.ready is not None:
-            self.ready.evict_quietest()

@@ -44,7 +44,7 @@ from services.logs import quietly
 from services.stats import persist
 
 if TYPE_CHECKING:
-    from services.base import PoolServer
+    from services.pool import PoolServer
 
 log = logging.getLogger("echo.ready")
 

@@ -98,7 +98,7 @@ def test_the_model_name_check_can_fail(line: str, named: bool) -> None:
 PLUGIN_MODULE = '''
 import threading
 
-from services.base import PoolServer
+from services.pool import PoolServer
 
 
 class OneThreadServer(PoolServer):

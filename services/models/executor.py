@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from services.base import PoolServer
 from services.config import Config
+from services.pool import PoolServer
 
 _START_TIMEOUT = 60.0  # seconds for every worker to start; generous, this machine freezes
 

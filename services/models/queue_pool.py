@@ -15,9 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from services.base import PoolServer
 from services.config import Config
 from services.logs import quietly
+from services.pool import PoolServer
 
 log = logging.getLogger("echo.queue")
 
