@@ -1,7 +1,8 @@
 """The server's statistics: lock-protected counters that move together.
 
-Every connection walks one path, and each step moves its counters in a single
-`adjust()` so a scrape never sees a connection counted twice or not at all.
+Every connection walks one path, and each step moves its counters at once (a
+`concurrency.Step`, holding all their locks) so a scrape never sees a connection
+counted twice or not at all.
 With `connection` dispatch a connection owns a worker for its whole life:
 
     accepted ──> queued ──> busy ──> closed{reason}
@@ -50,7 +51,7 @@ def persist(step: Callable[..., T], *args: Any) -> T:
     Counting allocates (integers, lock bookkeeping), and under an address-space limit
     it can fail where the server just freed a connection's buffers; a count that is
     skipped would be wrong for the rest of the process's life. Every step is all or
-    nothing (`adjust()`), so a retry never counts twice. Raises after the last try.
+    nothing (`Step`, `adjust()`), so a retry never counts twice. Raises after the last try.
     """
     for _ in range(_COUNT_TRIES - 1):
         try:
