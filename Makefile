@@ -7,6 +7,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
+PYTEST := $(PY) -m pytest
+# Tests that measure nothing run in parallel (pytest-xdist); floods and container tests
+# run after them, one at a time, since a neighbour would disturb the threads, RSS and
+# probes they judge. Tests on the documented fixed ports share one xdist group.
+JOBS ?= auto
+PARALLEL := -n $(JOBS) --dist loadgroup
+# pytest's exit 5 (nothing selected) is no failure when PYTEST_ARGS picks from one tier.
+NONE_SELECTED_IS_OK := || test $$? -eq 5
 
 # make load: total users (split evenly over the three services), spawn rate, duration,
 # locust processes (-1 = one per core), where reports go, and any extra locust flags.
@@ -83,7 +91,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast lint fmt up-local load load-master load-worker load-cluster load-cluster-ui load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
+.PHONY: help venv test test-fast test-floods lint fmt up-local load load-master load-worker load-cluster load-cluster-ui load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -96,11 +104,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: venv ## Run the whole test suite, container tests included (PYTEST_ARGS='-k name' to pick)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: venv ## The suite CI runs: every claim once, floods and containers included (PYTEST_ARGS='-k name')
+	$(PYTEST) -m "not flood and not compose" $(PARALLEL) $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	$(PYTEST) -m "(flood or compose) and not matrix" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
 
-test-fast: venv ## The tests that need no Docker Engine and no floods
-	$(PY) -m pytest -m "not compose and not flood" $(PYTEST_ARGS)
+test-fast: venv ## The loop after every change: no floods, containers, bench or locust runs; in parallel
+	$(PYTEST) -m "not flood and not compose and not slow" $(PARALLEL) $(PYTEST_ARGS)
+
+test-floods: venv ## The full flood matrix (every model, mode and scenario); tables in reports/test-floods.md
+	@mkdir -p $(REPORTS) && rm -f $(REPORTS)/test-floods.jsonl
+	ECHO_FLOOD_RECORD=$(REPORTS)/test-floods.jsonl $(PYTEST) -m flood $(PYTEST_ARGS)
+	$(PY) -m loadtest.report_tests $(REPORTS)/test-floods.jsonl > $(REPORTS)/test-floods.md
+	@echo "test-floods: wrote $(REPORTS)/test-floods.md"
 
 lint: venv ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/ruff check .

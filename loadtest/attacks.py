@@ -86,6 +86,7 @@ class AttackPlan:
 class AttackCounts:
     opened: int = 0  # connections that completed the handshake
     open_now: int = 0
+    peak_open: int = 0  # the most held at once: how much of the attack landed
     connect_failures: int = 0  # refused, reset or timed out before the handshake was done
     closed_by_server: int = 0
     replaced: int = 0  # attempts beyond the first `target_count`: each one replaces a loss
@@ -219,6 +220,7 @@ class Attack(threading.Thread):
         self._open.add(sock)
         with self._lock:
             self._counts.open_now += 1
+            self._counts.peak_open = max(self._counts.peak_open, self._counts.open_now)
         events = selectors.EVENT_READ
         if self.plan.scenario == "slow-reader":
             events = selectors.EVENT_WRITE  # write forever, never read

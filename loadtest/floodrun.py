@@ -14,7 +14,7 @@ from typing import Any
 
 from loadtest.attacks import Attack, AttackCounts, AttackPlan, AttackRefused
 from loadtest.observe import Probe, ProbeResult, Sample, Sampler, echo_check, scrape_check
-from loadtest.verdict import DEFAULT_SETTLE, Limits, Summary, Timeline, judge_flood
+from loadtest.verdict import DEFAULT_SETTLE, Limits, Summary, Timeline, judge_flood, recovered
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ class RunSettings:
     rate: float = 1000.0
     duration: float = 20.0
     baseline: float = 2.0
-    recovery: float = 6.0  # watched after the attack: the verdict's recovery deadline + 1 s
+    # Watched after the attack, at most: the verdict's recovery deadline + 1 s; the watch
+    # ends sooner once the probe is served again (`verdict.recovered`).
+    recovery: float = 6.0
     settle: float = DEFAULT_SETTLE
     trickle_interval: float = 2.0
     polite: bool = False
@@ -132,7 +134,7 @@ def flood(
         watch.wait(settings.duration + 30, until=lambda: not attack.is_alive())
         attack.join()
         attack_end = time.monotonic() - origin
-        watch.wait(settings.recovery)
+        watch.wait(settings.recovery, until=lambda: recovered(probe.results(), attack_end))
     finally:
         attack.stop()
         probe.stop()
@@ -170,10 +172,12 @@ class _Watch:
 
     def wait(self, seconds: float, until: Callable[[], bool] = lambda: False) -> None:
         deadline = time.monotonic() + seconds
+        said = 0.0
         while time.monotonic() < deadline and not until():
-            if self.progress is not None:
+            if self.progress is not None and time.monotonic() - said >= 1.0:
                 self.progress(self.line())
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                said = time.monotonic()
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def line(self) -> str:
         now = time.monotonic() - self.origin

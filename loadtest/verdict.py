@@ -22,6 +22,9 @@ from loadtest.observe import ProbeResult, Sample
 
 VERDICTS = ("held", "degraded", "down")
 DEFAULT_SETTLE = 5.0
+# A run ends with this many probes in a row: all failed, it is down; all served after the
+# attack, it has recovered and the watch may stop (`recovered`).
+STREAK = 5
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,13 @@ def recovery_time(probes: list[ProbeResult], attack_end: float) -> float | None:
     return after[0].at - attack_end if after else None
 
 
+def recovered(probes: list[ProbeResult], attack_end: float) -> bool:
+    """The last `STREAK` probes came after the attack and were all served: nothing later
+    in the watch can change the verdict's recovery time or its 'still failing' test."""
+    last = probes[-STREAK:]
+    return len(last) == STREAK and all(p.ok and p.at >= attack_end for p in last)
+
+
 def reasons_down(
     samples: list[Sample], probes: list[ProbeResult], timeline: Timeline, limits: Limits
 ) -> list[str]:
@@ -128,7 +138,7 @@ def reasons_down(
             f"its metrics did not answer for {silence:.1f} s "
             f"(allowed: {limits.max_metrics_silence:g} s)"
         )
-    if probes and not any(p.ok for p in probes[-5:]):
+    if probes and not any(p.ok for p in probes[-STREAK:]):
         reasons.append("the probe was still failing at the end")
     return reasons
 

@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import json
+import os
 import resource
 import sys
+from pathlib import Path
 
 import pytest
+
+from loadtest.floodrun import FloodRun, RunSettings, Target, flood
+from loadtest.matrix import matrix_row
+from support import Flooder
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,3 +30,21 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         raise pytest.UsageError(
             "a test module imported locust into the test process; run it in a subprocess"
         )
+
+
+@pytest.fixture
+def flooder(request: pytest.FixtureRequest) -> Flooder:
+    """Runs one flood; under `make test-floods` (ECHO_FLOOD_RECORD=path) it also appends
+    the run to that file, one JSON line each, for the tables docs/floods.md quotes."""
+    record = os.environ.get("ECHO_FLOOD_RECORD")
+
+    def run(target: Target, scenario: str, settings: RunSettings) -> FloodRun:
+        result = flood(target, scenario, settings)
+        if record:
+            where = "containers" if target.container else "local"
+            line = {"test": request.node.nodeid, **matrix_row(result, where)}
+            with Path(record).open("a") as out:
+                out.write(json.dumps(line) + "\n")
+        return result
+
+    return run

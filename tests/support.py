@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from loadtest.floodrun import FloodRun, RunSettings, Target
 from services.app import Service
 from services.config import Config
 from services.launcher import ROOT, ServerProcess, services_command
@@ -19,9 +20,17 @@ from services.models import MODELS
 
 __all__ = ["ROOT", "ServerProcess", "metric", "scrape"]  # re-exported for the tests
 
-# Every model in every dispatch mode it has, and their test ids.
+# Every model in every dispatch mode it has, and their test ids; the pools and the control.
 MODES = [(name, mode) for name, spec in MODELS.items() for mode in spec.dispatch_modes]
 MODE_IDS = [f"{name}-{mode}" for name, mode in MODES]
+BOUNDED = [name for name, spec in MODELS.items() if spec.bounded]
+UNBOUNDED = [name for name, spec in MODELS.items() if not spec.bounded]
+# Runs one flood and returns it (the `flooder` fixture: it also records the run).
+Flooder = Callable[[Target, str, RunSettings], FloodRun]
+
+# The xdist group of tests that bind the documented ports (15001-15003, 9101-9103):
+# they run one after another on one worker.
+FIXED_PORTS = "fixed-ports"
 
 EVENTUALLY = 30.0  # generous: this machine can freeze a process for seconds
 

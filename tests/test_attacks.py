@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import pytest
 import loadtest.flood
 from loadtest.attacks import Attack, AttackPlan, AttackRefused
 from loadtest.floodrun import RunSettings
+from support import ROOT
 
 CONNECTIONS = 20
 RATE = 200.0
@@ -168,3 +171,29 @@ def test_no_container_running_means_loopback_unless_the_network_was_asked_for(
     assert target.address == ("127.0.0.1", 15003) and not target.container
     with pytest.raises(AttackRefused, match="no running container of 'threads'"):
         loadtest.flood.targets_from(parse(["--targets", "threads", "--via", "network"]))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", "10.0.0.1"], "loopback addresses only"),
+        (["--host", "example.org"], "give a loopback IP address"),
+        (["--connections", "20001"], "connections: 1 to 20000"),
+        (["--duration", "301"], "duration"),
+        (["--targets", "nginx"], "targets: unknown nginx"),
+        (["--scenarios", "ddos"], "scenario 'ddos'"),
+        (["--targets", "queue", "--via", "network", "--port", "1"], "not --host/--port"),
+        (["--via", "network", "--docker-project", "no-such-project"], "no running container"),
+    ],
+)
+def test_flood_cli_refuses_what_it_must_not_do(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.flood", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -32,6 +32,8 @@ from support import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow  # each waits seconds for a watchdog or a deadline
+
 HANG_WORKERS = """
 import sys, threading
 import services.base

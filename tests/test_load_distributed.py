@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,19 +12,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from loadtest.exporter import REPORT_KEY, LoadExporter
 from services.metrics import metric, scrape
 from services.models import MODELS
-from support import ROOT, running, wait_until
+from support import FIXED_PORTS, ROOT, running, wait_until
 
 Scraped = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def make(*args: str) -> subprocess.Popen[str]:
@@ -38,8 +32,12 @@ def make(*args: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow  # whole locust processes
+@pytest.mark.xdist_group(FIXED_PORTS)
 def test_make_load_master_with_two_workers_completes_a_run(tmp_path: Path) -> None:
-    master_port, metrics_port = free_port(), free_port()
+    # The documented ports (5557, 9646): outside the kernel's ephemeral range, so no
+    # server of another test, bound to port 0, can take them between check and use.
+    master_port, metrics_port = 5557, 9646
     with contextlib.ExitStack() as stack:
         ports = {m: stack.enter_context(running(m, log_level="INFO")).address[1] for m in MODELS}
         targets = " ".join(f"--{m}-port {ports[m]}" for m in MODELS) + " --think 0.01-0.05"
@@ -67,7 +65,7 @@ def test_make_load_master_with_two_workers_completes_a_run(tmp_path: Path) -> No
             output, _ = master.communicate(timeout=120)
             assert master.returncode == 0, output
             for worker in workers:
-                worker.wait(60)
+                assert worker.wait(60) == 0
         finally:
             for process in (master, *workers):
                 process.kill()

@@ -16,7 +16,9 @@ import pytest
 from loadtest.echo_client import EchoFailure, PayloadSize, classify, exchange
 from loadtest.report import LoadGenerator, ServiceRow, Thresholds, judge_load, write_summary
 from services.models import MODELS
-from support import ROOT, FaultyEcho, running, wait_until
+from support import FIXED_PORTS, ROOT, FaultyEcho, running, wait_until
+
+LOCUST_RUN = pytest.mark.slow  # a whole locust run in a subprocess: not in make test-fast
 
 
 def run_locust(tmp_path: Path, *args: str, seconds: int = 4) -> tuple[int, dict[str, Any], str]:
@@ -48,6 +50,7 @@ def run_locust(tmp_path: Path, *args: str, seconds: int = 4) -> tuple[int, dict[
     return result.returncode, document, result.stderr
 
 
+@LOCUST_RUN
 def test_a_real_run_echoes_on_every_service_without_failures(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
         ports = {m: stack.enter_context(running(m, log_level="INFO")).address[1] for m in MODELS}
@@ -71,6 +74,7 @@ def test_a_real_run_echoes_on_every_service_without_failures(tmp_path: Path) -> 
     assert "result: PASS" in output
 
 
+@LOCUST_RUN
 @pytest.mark.parametrize(
     ("fault", "kind"),
     [("flip", "mismatch"), ("reorder", "mismatch"), ("close", "closed"), ("silent", "timeout")],
@@ -101,6 +105,7 @@ def test_a_faulty_server_fails_the_run_with_the_right_kind(
     assert "result: FAIL" in output
 
 
+@LOCUST_RUN
 def test_nothing_listening_is_refused(tmp_path: Path) -> None:
     with socket.socket() as placeholder:
         placeholder.bind(("127.0.0.1", 0))
@@ -114,6 +119,7 @@ def test_nothing_listening_is_refused(tmp_path: Path) -> None:
     assert "no successful echo" in output
 
 
+@LOCUST_RUN
 def test_bad_options_are_refused(tmp_path: Path) -> None:
     code, _, output = run_locust(tmp_path, "-u", "1", "--payload", "3", seconds=1)
     assert code != 0
@@ -184,6 +190,8 @@ def test_a_load_generator_over_90_percent_cpu_is_said_in_the_table_and_the_summa
         assert summary["workers"] == 4 and summary["workers_with_requests"] == 3
 
 
+@LOCUST_RUN
+@pytest.mark.xdist_group(FIXED_PORTS)
 def test_make_load_against_up_local_lists_all_three_services(tmp_path: Path) -> None:
     log = (tmp_path / "cluster.log").open("wb")
     cluster = subprocess.Popen(
@@ -211,8 +219,9 @@ def test_make_load_against_up_local_lists_all_three_services(tmp_path: Path) -> 
         )
     finally:
         cluster.send_signal(2)
-        cluster.wait(30)
+        stopped = cluster.wait(30)
         log.close()
+    assert stopped == 0, (tmp_path / "cluster.log").read_text()
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout + result.stderr
     table = output[output.index("== echo load test: per service (") :]

@@ -14,6 +14,7 @@ import pytest
 from services.launcher import services_command
 from services.models import MODELS
 from support import (
+    FIXED_PORTS,
     ROOT,
     ServerProcess,
     connect,
@@ -153,6 +154,7 @@ def test_environment_configures_the_server(tmp_path: Path) -> None:
         env_server.close()
 
 
+@pytest.mark.xdist_group(FIXED_PORTS)
 def test_up_local_serves_every_model_on_its_documented_ports(tmp_path: Path) -> None:
     log = (tmp_path / "cluster.log").open("wb")
     cluster = subprocess.Popen(
@@ -180,6 +182,7 @@ def _echoes(address: tuple[str, int]) -> bool:
         return False
 
 
+@pytest.mark.xdist_group(FIXED_PORTS)
 def test_up_local_refuses_a_busy_port() -> None:
     with socket.socket() as squatter:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
