@@ -172,10 +172,10 @@ bench: venv ## Throughput, latency, memory and counters of each model vs asyncio
 	$(PY) -m bench $(if $(filter 1,$(QUICK)),--quick) --json $(REPORTS)/bench.json \
 		--chart $(REPORTS)/bench.png $(BENCH_ARGS)
 
-images: venv ## Build the echo and Prometheus images (on upstream bases, or Debian-built ones without a registry)
+images: venv ## Build the images when their inputs changed (on upstream bases, or Debian-built ones without a registry)
 	$(NEED_ENGINE)
-	@offline=$$(bash docker/base-source.sh "$(OFFLINE)" $(PYTHON_IMAGE) $(PROMETHEUS_IMAGE)) && \
-		$(MAKE) --no-print-directory build-images OFFLINE=$$offline
+	@bash docker/images.sh "$(OFFLINE)" "$(PYTHON_IMAGE)" "$(PROMETHEUS_IMAGE)" "$(PY)" \
+		$(MAKE) --no-print-directory build-images
 
 build-images:
 ifeq ($(OFFLINE),1)

@@ -32,6 +32,10 @@ _TICK = 1.0  # the accept loop wakes at least this often (watchdog heartbeat)
 _TCP_INFO_SIZE = 32  # enough of struct tcp_info for accept_queue()
 _DRAIN = 1.0  # seconds open connections get to finish after a stop request
 _WORKERS_GRACE = 2.0  # then seconds for workers to end once their connections are cut
+# The promise (README): a stop request ends the process within this many seconds, a hung
+# worker included. The drain, the workers' grace and one loop tick must fit inside it
+# with a second to spare for the last log lines and the exit.
+SHUTDOWN_DEADLINE = 5.0
 
 
 class PortInUseError(OSError):

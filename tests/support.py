@@ -16,6 +16,7 @@ from services.app import Service
 from services.config import Config
 from services.launcher import ROOT, ServerProcess, services_command
 from services.metrics import metric, scrape
+from services.metrics_http import MAX_CONNECTIONS as METRICS_CLIENTS
 from services.models import MODELS
 
 __all__ = ["ROOT", "ServerProcess", "metric", "scrape"]  # re-exported for the tests
@@ -33,6 +34,10 @@ Flooder = Callable[[Target, str, RunSettings], FloodRun]
 FIXED_PORTS = "fixed-ports"
 
 EVENTUALLY = 30.0  # generous: this machine can freeze a process for seconds
+# What a test allows beyond a deadline the server promises (the README says so too):
+# the promise is kept by the server's own clocks, but this machine can freeze a process
+# for a second or two between the signal and the exit.
+FREEZE_MARGIN = 2.0
 
 
 def wait_until(
@@ -243,3 +248,20 @@ class FaultyEcho:
         self.listener.close()
         for conn in self.clients:
             conn.close()
+
+
+def assert_landed(run: FloodRun, *, held: int, cut: bool) -> None:
+    """The attack was what it says: it opened its count, at least `held` of its connections
+    were open at once, and (`cut`: the server cuts some) it replaced what was cut."""
+    counts = run.counts
+    assert counts.opened >= 0.9 * run.settings.connections, counts
+    assert counts.peak_open >= 0.9 * held, counts
+    if cut:
+        assert counts.replaced > 0, counts
+
+
+def ready_holds(scenario: str, size: int) -> int:
+    """Connections a ready pool holds at once: all of them, but churn holds nothing (it
+    connects and resets) and the metrics endpoint its client cap (it pushes the oldest
+    out for each newcomer)."""
+    return {"churn": 0, "metrics-slowloris": min(size, METRICS_CLIENTS)}.get(scenario, size)

@@ -4,12 +4,15 @@ is checked against the running stack in test_compose.py.)"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import urllib.parse
 
+import yaml
+
 from services.dashboard import PANELS, page_url
-from support import ROOT
+from support import ROOT, running
 
 
 def test_the_page_holds_every_panel_as_a_15_minute_graph() -> None:
@@ -23,10 +26,42 @@ def test_the_page_holds_every_panel_as_a_15_minute_graph() -> None:
         assert f"g{len(PANELS)}.expr" not in params
 
 
-def test_every_panel_groups_by_model() -> None:
-    # A line per model is what makes the page a comparison.
+# A name in a panel: a metric family or series (echo_*, process_*) or a recording rule.
+NAME = re.compile(r"\b(?:echo_|process_|model:)[A-Za-z0-9_:]*")
+SELECTOR = re.compile(r"(?<![:\w])((?:echo|process)_[A-Za-z0-9_]*)(\{[^}]*\})?")
+
+
+def served_names() -> set[str]:
+    """Every series name a running server exports, and every recording rule."""
+    with running("queue") as server:
+        names = {s.name for family in server.service.registry.collect() for s in family.samples}
+    rules = yaml.safe_load((ROOT / "prometheus" / "rules.yml").read_text())
+    names |= {r["record"] for group in rules["groups"] for r in group["rules"] if "record" in r}
+    return names
+
+
+def test_every_panel_reads_what_exists_and_keeps_a_line_per_model() -> None:
+    names = served_names()
     for panel in PANELS:
-        assert "model" in panel.expr or panel.expr.startswith(("echo_", "process_")), panel
+        used = NAME.findall(panel.expr)
+        assert used, panel
+        # No typo and no series that is not exported: an empty panel looks like a calm one.
+        assert set(used) <= names, (panel, set(used) - names)
+        # A line per model is what makes the page a comparison: every aggregation keeps
+        # the model label, and every raw series is the echo servers' (job="echo").
+        for grouping in re.findall(r"\bby \(([^)]*)\)", panel.expr):
+            assert "model" in {label.strip() for label in grouping.split(",")}, panel
+        for name, labels in SELECTOR.findall(panel.expr):
+            assert 'job="echo"' in labels, (panel, name)
+
+
+def test_a_broken_panel_would_be_caught() -> None:
+    # The checks above are not vacuous: each of these mistakes fails one of them.
+    names = served_names()
+    typo = NAME.findall('echo_thread{job="echo"}')
+    assert not set(typo) <= names
+    assert "model" not in re.findall(r"\bby \(([^)]*)\)", "sum by (state) (echo_connections)")[0]
+    assert SELECTOR.findall("echo_threads")[0][1] == ""
 
 
 def test_it_prints_the_address_with_no_prometheus_running() -> None:

@@ -20,15 +20,16 @@ from loadtest.breaking import LIMIT_STEPS, find_limit
 from loadtest.flood import FloodRun, RunSettings, Target
 from loadtest.observe import Sample
 from services.launcher import UNDER_AS_LIMIT
-from services.metrics_http import MAX_CONNECTIONS as METRICS_CLIENTS
 from support import (
     BOUNDED,
     ROOT,
     UNBOUNDED,
     Flooder,
     ServerProcess,
+    assert_landed,
     is_served,
     metric,
+    ready_holds,
     scrape,
     server_process,
     wait_until,
@@ -96,23 +97,6 @@ def target_of(server: ServerProcess, name: str) -> Target:
 
 def during_attack(run: FloodRun) -> list[Sample]:
     return [s for s in run.samples if run.attack_start <= s.at <= run.attack_end]
-
-
-def assert_landed(run: FloodRun, *, held: int, cut: bool) -> None:
-    """The attack was what it says: it opened its count, at least `held` of its connections
-    were open at once, and (`cut`: the server cuts some) it replaced what was cut."""
-    counts = run.counts
-    assert counts.opened >= 0.9 * run.settings.connections, counts
-    assert counts.peak_open >= 0.9 * held, counts
-    if cut:
-        assert counts.replaced > 0, counts
-
-
-def ready_holds(scenario: str, size: int) -> int:
-    """Connections a ready pool holds at once: all of them, but churn holds nothing (it
-    connects and resets) and the metrics endpoint its client cap (it pushes the oldest
-    out for each newcomer)."""
-    return {"churn": 0, "metrics-slowloris": min(size, METRICS_CLIENTS)}.get(scenario, size)
 
 
 def assert_bounded_and_serving(run: FloodRun, server: ServerProcess) -> None:

@@ -75,10 +75,12 @@ def test_200_trickling_connections_do_not_keep_a_client_out(model: str) -> None:
     with running(model, workers=2) as server, trickling(server.address, 200, 1.0):
         wait_until(lambda: server.sample("echo_messages_total") >= 200, what="the trickle to flow")
         results = []
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 8
         while time.monotonic() < deadline:  # back to back: stricter than a probe's pace
-            results.append(is_served(server.address, timeout=2.0))
-        assert sum(results) / len(results) >= 0.99, f"{sum(results)}/{len(results)}"
+            # Kept out means never served: a deadline far past any freeze of this machine
+            # still fails a pool whose workers the trickle holds.
+            results.append(is_served(server.address, timeout=EVENTUALLY / 3))
+        assert all(results), f"{sum(results)}/{len(results)}"
 
 
 def slow_reader(address: tuple[str, int]) -> socket.socket:
@@ -296,16 +298,17 @@ def test_the_dispatch_wait_histogram_counts_every_turn(model: str) -> None:
 def test_a_worker_with_nothing_else_to_do_keeps_a_talking_connection(model: str) -> None:
     # Lingering (on by default): a ping-pong client's next message arrives well within
     # the linger, so most messages need no turn of their own.
-    turns: dict[float | None, int] = {}
-    for linger in (None, 0.0):
-        overrides: dict[str, Any] = {} if linger is None else {"linger": linger}
-        with running(model, workers=2, **overrides) as server, connect(server.address) as sock:
+    # A linger far longer than a freeze of this machine, so that what is counted is the
+    # design (a turn ends only when the client falls quiet), not how fast the host was.
+    turns: dict[float, int] = {}
+    for linger in (1.0, 0.0):
+        with running(model, workers=2, linger=linger) as server, connect(server.address) as sock:
             for n in range(200):
                 assert roundtrip(sock, b"%d" % n) == b"%d" % n
             turns[linger] = server.stats.started.value
     # Parking at once, a turn ends as soon as nothing more has arrived (here 60% of the
-    # messages needed one); lingering, a turn ends only when the client falls quiet.
-    assert turns[None] <= 100 and 3 * turns[None] <= turns[0.0], turns
+    # messages needed one); lingering, the client never falls quiet for a whole second.
+    assert turns[1.0] <= 10 and 3 * turns[1.0] <= turns[0.0], turns
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+import services.ready
 from services.watchdog import MIN_TIMEOUT, Lane, Watchdog
 from support import EVENTUALLY, connect, running, wait_until
 
@@ -158,3 +159,32 @@ def test_the_watchdog_outlives_running_out_of_memory_and_still_trips_on_a_hang()
         assert tripped.wait(EVENTUALLY), "the watchdog died of the failures, or never looked"
     finally:
         watchdog.stop()
+
+
+def test_a_hung_worker_trips_the_watchdog_and_the_metric_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In this process, with the trip reported instead of exiting: the scrape cannot race
+    # the exit, as it would against a process that trips.
+    release = threading.Event()
+
+    def hang(*_args: object, **_kwargs: object) -> None:
+        release.wait(EVENTUALLY)
+        raise ConnectionResetError("released")
+
+    monkeypatch.setattr(services.ready, "echo_turn", hang)
+    trips: list[str] = []
+    with (
+        running("queue", on_trip=trips.append, workers=1, watchdog_timeout=MIN_TIMEOUT) as server,
+        connect(server.address) as hung,
+        connect(server.address) as waiting,
+    ):
+        try:
+            assert server.sample("echo_watchdog_tripped") == 0
+            hung.sendall(b"x")
+            waiting.sendall(b"y")
+            wait_until(lambda: trips, what="the watchdog to trip")
+            assert "workers made no progress" in trips[0]
+            assert server.sample("echo_watchdog_tripped") == 1
+        finally:
+            release.set()
