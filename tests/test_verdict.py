@@ -4,9 +4,14 @@ milliseconds. The live floods (test_flood.py) show that real runs feed it the sa
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+import loadtest.breaking
+from loadtest.breaking import find_limit, step_settings
+from loadtest.floodrun import RunSettings, Target
 from loadtest.observe import ProbeResult, Sample
 from loadtest.verdict import Limits, Timeline, judge_flood
 
@@ -165,3 +170,48 @@ def test_handshakes_dropped_at_a_full_accept_queue_are_counted_over_the_run() ->
     summary = judge_flood(run, probes(always), ATTACK, Limits())
     assert summary.listen_overflows == 1200
     assert judge_flood(samples(), probes(always), ATTACK, Limits()).listen_overflows == 0
+
+
+class FakeFloods:
+    """Stands in for `flood` in find_limit: a server that holds up to `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def __call__(self, _target: Target, scenario: str, settings: RunSettings, _p: object) -> Any:
+        size = int(settings.rate) if scenario == "churn" else settings.connections
+        self.sizes.append(size)
+        held = size <= self.limit
+        summary = SimpleNamespace(
+            verdict="held" if held else "degraded",
+            probe_success=1.0 if held else 0.5,
+            reasons=[] if held else ["the probe succeeded 50.0% under attack"],
+        )
+        return SimpleNamespace(summary=summary)
+
+
+@pytest.mark.parametrize(
+    ("limit", "tried", "described"),
+    [
+        (1000, [250, 500, 1000, 2000], "1000 connections (not 2000)"),
+        (100, [250], "holds nothing tried: < 250 connections"),
+        (300, [250, 500], "250 connections (not 500)"),
+        (10**6, [250, 500, 1000, 2000], ">= 2000 connections (held every step)"),
+    ],
+)
+def test_find_limit_steps_up_and_stops_at_the_first_step_not_held(
+    monkeypatch: pytest.MonkeyPatch, limit: int, tried: list[int], described: str
+) -> None:
+    fake = FakeFloods(limit)
+    monkeypatch.setattr(loadtest.breaking, "flood", fake)
+    target = Target("queue", ("127.0.0.1", 1), ("127.0.0.1", 2))
+    point = find_limit(target, "idle", RunSettings(), [250, 500, 1000, 2000])
+    assert fake.sizes == tried
+    assert point.describe() == described
+
+
+def test_find_limit_steps_churn_by_its_rate() -> None:
+    settings = step_settings(RunSettings(connections=7), "churn", 300)
+    assert (settings.rate, settings.connections) == (300.0, 7)
+    assert step_settings(RunSettings(), "idle", 300).connections == 300
