@@ -114,7 +114,7 @@ test-fast: venv ## The loop after every change: no floods, containers, bench or 
 test-floods: venv ## The full flood matrix (every model, mode and scenario); tables in reports/test-floods.md
 	@mkdir -p $(REPORTS) && rm -f $(REPORTS)/test-floods.jsonl
 	ECHO_FLOOD_RECORD=$(REPORTS)/test-floods.jsonl $(PYTEST) -m flood $(PYTEST_ARGS)
-	$(PY) -m loadtest.report_tests $(REPORTS)/test-floods.jsonl > $(REPORTS)/test-floods.md
+	$(PY) -m loadtest.matrix $(REPORTS)/test-floods.jsonl > $(REPORTS)/test-floods.md
 	@echo "test-floods: wrote $(REPORTS)/test-floods.md"
 
 lint: venv ## ruff (lint + format check) and mypy --strict

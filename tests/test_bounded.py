@@ -13,6 +13,7 @@ import pytest
 from services.config import Config
 from services.echo import echo
 from support import (
+    BOUNDED,
     connect,
     echo_once,
     held_open,
@@ -22,8 +23,6 @@ from support import (
     running,
     wait_until,
 )
-
-BOUNDED = ["executor", "queue"]
 
 
 def closed_by_server(sock: socket.socket) -> bool:

@@ -17,6 +17,8 @@ from services.launcher import UNDER_AS_LIMIT
 from services.models import MODELS
 from support import (
     EVENTUALLY,
+    MODE_IDS,
+    MODES,
     ServerProcess,
     config,
     connect,
@@ -154,10 +156,7 @@ def test_refused_thread_is_counted_and_the_server_keeps_serving(tmp_path: Path) 
         assert server.process.poll() is None
 
 
-MODES = [(name, mode) for name, spec in MODELS.items() for mode in spec.dispatch_modes]
-
-
-@pytest.mark.parametrize(("model", "mode"), MODES, ids=[f"{m}-{d}" for m, d in MODES])
+@pytest.mark.parametrize(("model", "mode"), MODES, ids=MODE_IDS)
 def test_metrics_answer_while_1000_idle_connections_sit_on_the_echo_port(
     model: str, mode: str, tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ import services.ready
 from services.echo import READ_SIZE, Turn, echo_turn, set_kernel_timeout
 from services.ready import WRITABLE_REST, Connection, over_budget
 from support import (
+    BOUNDED,
     EVENTUALLY,
     connect,
     held_open,
@@ -28,7 +29,6 @@ from support import (
     wait_until,
 )
 
-BOUNDED = ["executor", "queue"]
 pytestmark = pytest.mark.timeout(180)
 
 
