@@ -24,6 +24,7 @@ from services.watchdog import MIN_TIMEOUT as MIN_WATCHDOG_TIMEOUT
 FROM_MODEL = -1
 FROM_MODEL_SECONDS = -1.0
 MIN_STACK_SIZE = 32 * 1024  # CPython refuses smaller thread stacks
+MAX_STACK_SIZE = 256 * 1024 * 1024  # 32 times the usual default: no echo thread needs more
 PAGE_SIZE = 4096
 
 
@@ -105,9 +106,13 @@ class Config:
             _check(seconds is None or 0 < seconds <= 86_400, flag, "must be 0 (off) to 86400 s")
         _check(
             self.stack_size == 0
-            or (self.stack_size >= MIN_STACK_SIZE and self.stack_size % PAGE_SIZE == 0),
+            or (
+                MIN_STACK_SIZE <= self.stack_size <= MAX_STACK_SIZE
+                and self.stack_size % PAGE_SIZE == 0
+            ),
             "--stack-size",
-            f"must be 0 (system default) or a multiple of {PAGE_SIZE} of at least {MIN_STACK_SIZE}",
+            f"must be 0 (system default) or a multiple of {PAGE_SIZE} from {MIN_STACK_SIZE} "
+            f"to {MAX_STACK_SIZE}",
         )
         _check(
             self.watchdog_timeout is None or self.watchdog_timeout >= MIN_WATCHDOG_TIMEOUT,

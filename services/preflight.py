@@ -2,7 +2,8 @@
 
 What would otherwise end in a traceback at start-up, or in a crash-and-restart loop
 under a supervisor, ends in one line and exit status 2: a thread stack the platform
-refuses (glibc on aarch64 wants at least 128 KiB), a pool with more workers than the
+refuses (glibc on aarch64 wants at least 128 KiB) or cannot start a thread with, a
+ready file in a directory that is not there, a pool with more workers than the
 pid limit allows threads, or one that cannot hold a connection per worker within the
 descriptor limit.
 """
@@ -44,15 +45,24 @@ class Limits:
         )
 
 
+def _start_a_thread() -> None:
+    thread = threading.Thread(target=lambda: None, name="preflight")
+    thread.start()
+    thread.join()
+
+
 def check(
     config: Config,
     limits: Limits | None = None,
     set_stack_size: Callable[[int], int] = threading.stack_size,
+    start_thread: Callable[[], None] = _start_a_thread,
 ) -> None:
     """Raise `ConfigError` (naming the flag) if this machine cannot run `config`."""
     limits = Limits.here() if limits is None else limits
+    if config.ready_file:
+        _check_ready_file(config.ready_file)
     if not config.bounded and config.stack_size:
-        _check_stack_size(config.stack_size, set_stack_size)
+        _check_stack_size(config.stack_size, set_stack_size, start_thread)
     if not config.bounded:
         return  # one thread per connection: running out is what this model demonstrates
     needed = config.workers + RESERVED_TASKS
@@ -72,10 +82,30 @@ def check(
         )
 
 
-def _check_stack_size(size: int, set_stack_size: Callable[[int], int]) -> None:
+def _check_stack_size(
+    size: int, set_stack_size: Callable[[int], int], start_thread: Callable[[], None]
+) -> None:
+    """Set the size, start one thread with it, then put the old size back."""
     try:
-        set_stack_size(set_stack_size(size))  # try it, then put the old size back
+        previous = set_stack_size(size)
     except ValueError:
         raise ConfigError(
             f"--stack-size: {size} bytes is below this platform's minimum thread stack"
         ) from None
+    try:
+        start_thread()
+    except RuntimeError as error:  # "can't start new thread": no room for such a stack
+        raise ConfigError(
+            f"--stack-size: no thread with a stack of {size} bytes could start here ({error})"
+        ) from None
+    finally:
+        set_stack_size(previous)
+
+
+def _check_ready_file(path: str) -> None:
+    """Before any port is bound: a ready file that cannot be written fails at once."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--ready-file: there is no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"--ready-file: cannot write in {directory}")

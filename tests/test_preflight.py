@@ -97,3 +97,44 @@ def test_a_descriptor_limit_too_low_for_the_pool_is_one_line_and_exit_2() -> Non
     assert result.returncode == 2, result.stderr
     assert "--workers: needs at least 24 file descriptors" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_stack_size_no_thread_can_start_with_is_refused_up_front() -> None:
+    sizes = [0]
+
+    def record(size: int) -> int:
+        previous, sizes[0] = sizes[0], size
+        return previous
+
+    def no_room() -> None:
+        raise RuntimeError("can't start new thread")
+
+    config = Config(model="threads", stack_size=128 * 1024 * 1024)
+    with pytest.raises(ConfigError, match=r"--stack-size: no thread with a stack of 134217728"):
+        preflight.check(config, ROOMY, record, no_room)
+    assert sizes == [0]  # put back all the same
+
+
+@pytest.mark.parametrize("size", ["1099511627776", str(512 * 1024 * 1024)])
+def test_a_stack_size_past_the_bound_is_one_line_and_exit_2(size: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services", "--model", "threads", "--stack-size", size],
+        check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--stack-size: must be 0 (system default) or a multiple of 4096" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_ready_file_in_a_missing_directory_is_refused_before_binding(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "ready.json"
+    with pytest.raises(ConfigError, match="--ready-file: there is no directory"):
+        preflight.check(Config(model="queue", ready_file=str(missing)), ROOMY)
+    preflight.check(Config(model="queue", ready_file=str(tmp_path / "ready.json")), ROOMY)
+    result = subprocess.run(
+        [sys.executable, "-m", "services", "--model", "queue", "--port", "0",
+         "--metrics-port", "0", "--ready-file", str(missing)],
+        check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
