@@ -33,6 +33,21 @@ def next_backoff(code: int, backoff: float) -> float:
     return min(max(backoff * 2, first), BACKOFF_MAX)
 
 
+def listen_again(
+    register: Callable[[], object], backoff: float, warn: Callable[..., None], now: float
+) -> tuple[float, float]:
+    """Put a paused listener back in its selector (`register`): (paused until, back-off).
+    epoll_ctl can fail (ENOMEM, ENOSPC arrive as OSError): then the listener stays
+    paused a back-off longer, and the loop goes on (MemoryError is the loop's to take)."""
+    try:
+        register()
+    except OSError as error:
+        backoff = next_backoff(error.errno or errno.ENOMEM, backoff)
+        warn("cannot listen again (%s); backing off %.3f s", error, backoff)
+        return now + backoff, backoff
+    return 0.0, backoff
+
+
 def turn_until(
     stopped: Callable[[], bool], turn: Callable[[], None], out_of_memory: Callable[[], None]
 ) -> None:

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
 
-from services.accepting import accept_connection, next_backoff, turn_until
+from services.accepting import accept_connection, listen_again, next_backoff, turn_until
 from services.concurrency import SharedCounter
 from services.config import Config
 from services.echo import close_reason_for, echo
@@ -203,9 +203,10 @@ class Server(ABC):
         self.stats.accept_loop_ticks.incr()
         now = time.monotonic()
         if self._paused_until and now >= self._paused_until:
-            # Registered before the pause ends: if this fails, the next turn tries again.
-            selector.register(listener, selectors.EVENT_READ, self._on_listener)
-            self._paused_until = 0.0
+            register = partial(selector.register, listener, selectors.EVENT_READ, self._on_listener)
+            self._paused_until, self._backoff = listen_again(
+                register, self._backoff, self._warn.warning, now
+            )
         timeout = min(_TICK, self.next_deadline(now) - now)
         if self._paused_until:
             timeout = min(timeout, self._paused_until - now)
@@ -252,12 +253,19 @@ class Server(ABC):
         return self._selector
 
     def wake(self) -> None:
-        """Wake the event loop from another thread (at most one byte in flight)."""
+        """Wake the event loop from another thread (at most one byte in flight). Never
+        raises. The flag stays set only while a byte is in flight: a wake-up that sent
+        nothing clears it, so the next one tries again (the loop also takes back what
+        is handed to it on every tick, woken or not)."""
         if self._woken:
             return
         self._woken = True
-        with contextlib.suppress(OSError):  # full: it is awake already; closed: stopped
+        try:
             self._wake_writer.send(b"\0")
+        except BlockingIOError:
+            pass  # the pair is full: bytes are in flight, the loop will wake
+        except Exception:  # closed (stopped), ENOBUFS, out of memory: nothing sent
+            self._woken = False
 
     # Hooks for a model that parks connections in the loop (`ready` dispatch).
 

@@ -30,7 +30,7 @@ from functools import partial
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from services.accepting import accept_connection, next_backoff, turn_until
+from services.accepting import accept_connection, listen_again, next_backoff, turn_until
 from services.base import PortInUseError
 from services.logs import RateLimitedLog, quietly
 
@@ -120,8 +120,10 @@ class MetricsServer:
     def _turn(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()
         if self._paused_until and now >= self._paused_until:
-            selector.register(self._listener, selectors.EVENT_READ)  # if this fails: next turn
-            self._paused_until = 0.0
+            register = partial(selector.register, self._listener, selectors.EVENT_READ)
+            self._paused_until, self._backoff = listen_again(
+                register, self._backoff, self._warn.warning, now
+            )
         timeout = min(_TICK, self._paused_until - now) if self._paused_until else _TICK
         for key, mask in selector.select(max(timeout, 0.0)):
             if key.fileobj is self._listener:
@@ -159,7 +161,15 @@ class MetricsServer:
             sock.setblocking(False)
             client = _Client(sock, time.monotonic() + REQUEST_DEADLINE)
             self._clients[sock] = client
-            selector.register(sock, selectors.EVENT_READ, client)
+            try:
+                selector.register(sock, selectors.EVENT_READ, client)
+            except BaseException as error:  # epoll_ctl (ENOMEM, ENOSPC) or memory
+                del self._clients[sock]
+                sock.close()  # this one is dropped, and the listener backs off
+                if not isinstance(error, OSError):
+                    raise
+                self._warn.warning("metrics: cannot watch a client: %s", error)
+                return next_backoff(error.errno or errno.ENOMEM, backoff)
         return 0.0
 
     def _on_client(self, selector: selectors.BaseSelector, client: _Client, mask: int) -> None:

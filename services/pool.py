@@ -53,6 +53,8 @@ class PoolServer(Server):
 
     def on_loop_tick(self, now: float) -> None:
         if self.ready is not None:
+            # Woken or not: a hand-back whose wake-up was lost waits one tick at most.
+            self.ready.take_back()
             self.ready.expire(now)
 
     def on_wake(self) -> None:

@@ -94,6 +94,16 @@ def over_budget(writers: Iterable[Connection], pending: int, budget: int) -> lis
     return closing
 
 
+def _won(claim: list[Connection]) -> bool:
+    """Take the one item of `claim`: True for the first caller only (list.pop() is
+    atomic, and allocates nothing on success)."""
+    try:
+        claim.pop()
+    except IndexError:
+        return False
+    return True
+
+
 class ReadyDispatch:
     def __init__(self, server: PoolServer) -> None:
         self._server = server
@@ -107,6 +117,7 @@ class ReadyDispatch:
         self._handbacks: deque[tuple[Connection, str]] = deque()  # from workers
         self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
+        self.taken_back = 0  # hand-backs taken (the watchdog's progress; the loop's thread)
         self._buffers = threading.local()  # one read buffer per worker, not per connection
 
     # -- on the loop's thread ------------------------------------------------------------
@@ -164,7 +175,13 @@ class ReadyDispatch:
     def _ready(self, conn: Connection, _sock: socket.socket, _mask: int) -> None:
         if conn not in self._waiting and conn not in self._writing:
             return  # closed earlier in the same batch of events (evicted, over budget)
-        job = partial(self.serve_turn, conn)
+        # Whoever takes the one item of `claim` owns the connection from then on: the
+        # worker that runs the job, or this loop if submit() failed. A submit can fail
+        # after the job is queued (queue.Queue.put counts its task after appending it),
+        # and then the worker must not serve a connection the loop has closed, nor the
+        # loop close one a worker serves.
+        claim = [conn]
+        job = partial(self.serve_turn, conn, claim)
         conn.woke_writable = not self._unpark(conn)
         state = self._stats.writing if conn.woke_writable else self._stats.waiting
         try:
@@ -173,13 +190,22 @@ class ReadyDispatch:
             conn.ready_at = time.monotonic()
             self._server.submit(job)
         except Exception:  # the pool is shut down (stopping), cannot take it, or no memory
+            if not _won(claim):
+                return  # queued after all: a worker has it
             if not self._server.stopping:
                 quietly(log.exception, "the pool refused a ready connection; closing it")
             self._close(conn, state, "shutdown" if self._server.stopping else "error")
 
+    @property
+    def handbacks_waiting(self) -> int:
+        """Connections handed back and not yet taken (the watchdog's hand-back lane)."""
+        return len(self._handbacks)
+
     def take_back(self) -> None:
         """Park what the workers handed back; then keep the output budget. Once the loop
         has ended (and from any thread) it closes them instead."""
+        if not self._handbacks:
+            return
         for _ in range(min(len(self._handbacks), _HANDBACKS_PER_WAKE)):
             try:
                 conn, interest = self._handbacks.popleft()
@@ -188,11 +214,13 @@ class ReadyDispatch:
             state = self._stats.waiting if interest == "read" else self._stats.writing
             if self._server.stopping:
                 self._close(conn, state, "shutdown")
-                continue
-            try:
-                self._park(conn, interest)
-            except MemoryError:
-                self._close(conn, state, "error")
+            else:
+                try:
+                    self._park(conn, interest)
+                except (MemoryError, OSError):  # epoll_ctl: ENOMEM, ENOSPC
+                    self._close(conn, state, "error")
+            with contextlib.suppress(MemoryError):  # past 256 an int allocates
+                self.taken_back += 1
         if self._server.stopping:
             return
         if self._handbacks:
@@ -222,7 +250,7 @@ class ReadyDispatch:
             if conn.rests_until:  # else closed or served since: stale
                 try:
                     self._watch(conn, "write")
-                except MemoryError:
+                except (MemoryError, OSError):  # epoll_ctl: ENOMEM, ENOSPC
                     self._close_parked(conn, "error")  # still resting: nothing to unwatch
                 else:
                     conn.rests_until = 0.0
@@ -272,9 +300,12 @@ class ReadyDispatch:
 
     # -- on a worker's thread ------------------------------------------------------------
 
-    def serve_turn(self, conn: Connection) -> None:
+    def serve_turn(self, conn: Connection, claim: list[Connection] | None = None) -> None:
         """Echo what `conn` has for us, then hand it back to the loop or close it. Never
-        raises: whatever happens, the connection is parked again or closed and counted."""
+        raises: whatever happens, the connection is parked again or closed and counted.
+        With a `claim` (see `_ready`), only if this worker wins it."""
+        if claim is not None and not _won(claim):
+            return  # the loop closed it when its submit failed
         stats = self._stats
         state = stats.queued
         turn = Turn()

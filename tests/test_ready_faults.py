@@ -1,0 +1,261 @@
+"""The fault paths of ready dispatch: a wake-up that fails, epoll_ctl that fails, a submit
+that fails after queuing the job. One fault each, injected where the kernel or the
+allocator would raise it; no connection is lost, no loop wedged, every count right."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import selectors
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+import services.accepting
+import services.base
+import services.metrics_http
+from services.pool import PoolServer
+from services.watchdog import MIN_TIMEOUT
+from support import (
+    BOUNDED,
+    EVENTUALLY,
+    RunningService,
+    connect,
+    roundtrip,
+    running,
+    scrape,
+    wait_until,
+)
+
+
+def balanced(server: RunningService) -> bool:
+    """Everything accepted is rejected or closed, and no state holds a connection."""
+    s = server.stats.snapshot()
+    settled = s.accepted == sum(s.rejected.values()) + sum(s.closed.values())
+    return settled and s.active == 0 and int(server.stats.pending_output.value) == 0
+
+
+class RaiseOnce:
+    """Calls `call`, except the first time (after `after` calls), when it raises `error`,
+    before calling (`first=True`) or after it (as a call that did its work, then failed)."""
+
+    def __init__(
+        self, call: Callable[..., Any], error: BaseException, *, first: bool = True, after: int = 0
+    ) -> None:
+        self._call, self._error, self._first, self._after = call, error, first, after
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.fired = threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self.calls += 1
+            fire = self.calls == self._after + 1
+        if fire and self._first:
+            self.fired.set()
+            raise self._error
+        result = self._call(*args, **kwargs)
+        if fire:
+            self.fired.set()
+            raise self._error
+        return result
+
+
+class WakeWriter:
+    """Stands in for the server's wake-up socket: its `send` is the one given."""
+
+    def __init__(self, sock: socket.socket, send: Callable[[bytes], int]) -> None:
+        self._sock, self.send = sock, send
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@contextmanager
+def one_connection(server: RunningService) -> Iterator[socket.socket]:
+    with connect(server.address) as sock:
+        assert roundtrip(sock, b"first") == b"first"  # admitted and parked
+        yield sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Reads to the server's close: EOF, or a reset (closed with bytes unread)."""
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def assert_still_served(sock: socket.socket, server: RunningService) -> None:
+    for n in range(3):
+        payload = b"after the fault %d" % n
+        assert roundtrip(sock, payload) == payload
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOBUFS, "no buffer space"), MemoryError()])
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_failed_wake_up_strands_no_hand_back(model: str, error: BaseException) -> None:
+    # No linger: every message is a turn and a hand-back. The first wake-up after the
+    # fault sends nothing; the hand-back must still be taken, and later ones woken.
+    with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
+        inner = server.service.server
+        real = inner._wake_writer
+        fault = RaiseOnce(real.send, error)
+        inner._wake_writer = WakeWriter(real, fault)  # type: ignore[assignment]
+        assert_still_served(sock, server)
+        assert fault.fired.is_set()
+    wait_until(lambda: balanced(server), what="every connection closed and counted")
+    assert server.sample("echo_connections_closed_total", reason="error") == 0
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_epoll_ctl_failing_in_take_back_closes_and_counts_that_one_connection(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
+        selector = server.service.server.loop_selector
+        fault = RaiseOnce(selector.register, OSError(errno.ENOMEM, "epoll_ctl"))
+        monkeypatch.setattr(selector, "register", fault)
+        # The next hand-back (of the first message's turn, or of this one's) cannot be
+        # watched again: the server closes the connection, and counts it.
+        with contextlib.suppress(OSError):
+            sock.sendall(b"parked again after this")
+        sock.settimeout(EVENTUALLY)
+        assert closed_by_server(sock)
+        assert fault.fired.is_set()
+        monkeypatch.undo()
+        wait_until(lambda: balanced(server), what="the connection closed and counted")
+        assert server.sample("echo_connections_closed_total", reason="error") == 1
+        with connect(server.address) as other:
+            assert roundtrip(other, b"next") == b"next"
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_epoll_ctl_failing_when_the_listener_comes_back_only_backs_off_longer(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running(model, workers=2) as server:
+        inner = server.service.server
+        # accept() fails once (out of descriptors): the listener is paused; then putting
+        # it back in the selector fails once.
+        accept = RaiseOnce(services.accepting.accept_connection, OSError(errno.EMFILE, "EMFILE"))
+        monkeypatch.setattr(services.base, "accept_connection", accept)
+        register = RaiseOnce(inner.loop_selector.register, OSError(errno.ENOMEM, "epoll_ctl"))
+        monkeypatch.setattr(inner.loop_selector, "register", register)
+        with connect(server.address) as sock:
+            assert roundtrip(sock, b"accepted at last") == b"accepted at last"
+        assert accept.fired.is_set() and register.fired.is_set()
+
+
+class FlakyClientSelector(selectors.DefaultSelector):
+    """Its first registration of a metrics client fails as epoll_ctl can (ENOMEM)."""
+
+    failed = threading.Event()
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        if isinstance(data, services.metrics_http._Client) and not self.failed.is_set():
+            self.failed.set()
+            raise OSError(errno.ENOMEM, "epoll_ctl")
+        return super().register(fileobj, events, data)
+
+
+def test_epoll_ctl_failing_for_a_metrics_client_drops_only_that_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    FlakyClientSelector.failed.clear()
+    monkeypatch.setattr(selectors, "DefaultSelector", FlakyClientSelector)
+    with running("queue") as server:
+        address = server.service.metrics_address
+
+        def scraped() -> bool:
+            try:
+                return bool(scrape(address, timeout=2.0))
+            except OSError:
+                return False
+
+        wait_until(scraped, what="a scrape after the failed registration")
+        assert FlakyClientSelector.failed.is_set()
+
+
+class QueuedThenFailed:
+    """A submit that queues the job and then raises MemoryError, once, as queue.Queue.put
+    can (it appends the job, then counts it). `worker_first`: the worker has started the
+    job before the loop sees the error; else the loop handles the error first."""
+
+    def __init__(self, submit: Callable[[Callable[[], None]], None], worker_first: bool) -> None:
+        self._submit, self._worker_first = submit, worker_first
+        self.fired = threading.Event()
+        self.job_ran = threading.Event()
+
+    def __call__(self, job: Callable[[], None]) -> None:
+        if self.fired.is_set():
+            self._submit(job)
+            return
+        self.fired.set()
+        loop_done = threading.Event()
+
+        def run() -> None:
+            if not self._worker_first:
+                loop_done.wait(EVENTUALLY)
+            job()
+            self.job_ran.set()
+
+        self._submit(run)
+        if self._worker_first:
+            self.job_ran.wait(EVENTUALLY)
+        else:
+            threading.Timer(0.2, loop_done.set).start()  # after the loop handled it
+        raise MemoryError
+
+
+@pytest.mark.parametrize("worker_first", [True, False], ids=["worker-first", "loop-first"])
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_submit_that_fails_after_queuing_leaves_the_connection_one_owner(
+    model: str, worker_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whoever claims the connection first owns it: the worker serves it, or the loop
+    # closes it; never both (a connection closed twice, counts below zero).
+    with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
+        inner = server.service.server
+        assert isinstance(inner, PoolServer)
+        fault = QueuedThenFailed(inner.submit, worker_first)
+        monkeypatch.setattr(inner, "submit", fault)
+        sock.sendall(b"the turn whose submit fails")
+        sock.settimeout(EVENTUALLY)
+        if worker_first:  # served, and served again later
+            assert sock.recv(4096) == b"the turn whose submit fails"
+            assert_still_served(sock, server)
+        else:  # closed by the loop, once (a reset: it closed with the message unread)
+            assert closed_by_server(sock)
+        assert fault.job_ran.wait(EVENTUALLY)
+    wait_until(lambda: balanced(server), what="every connection closed and counted once")
+    closed_error = server.sample("echo_connections_closed_total", reason="error")
+    assert closed_error == (0 if worker_first else 1)
+    assert server.stats.queued.value == 0 and server.stats.busy.value == 0
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_hand_backs_the_loop_never_takes_trip_the_watchdog(model: str) -> None:
+    trips: list[str] = []
+    with (
+        running(
+            model, on_trip=trips.append, workers=2, linger=0.0, watchdog_timeout=MIN_TIMEOUT
+        ) as server,
+        one_connection(server) as sock,
+    ):
+        inner = server.service.server
+        assert isinstance(inner, PoolServer) and inner.ready is not None
+        ready = inner.ready
+        ready.take_back = lambda: None  # type: ignore[method-assign]
+        try:
+            sock.sendall(b"handed back, never taken")
+            wait_until(lambda: trips, what="the watchdog to trip")
+            assert "hand-backs made no progress" in trips[0], trips
+        finally:
+            del ready.take_back  # the class's again, so the loop can close it on the way out
