@@ -91,7 +91,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast test-floods lint fmt up-local load load-master load-worker load-cluster load-cluster-ui load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
+.PHONY: help venv test test-fast test-faults test-floods lint fmt up-local load load-master load-worker load-cluster load-cluster-ui load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -110,6 +110,9 @@ test: venv ## The suite CI runs: every claim once, floods and containers include
 
 test-fast: venv ## The loop after every change: no floods, containers, bench or locust runs; in parallel
 	$(PYTEST) -m "not flood and not compose and not slow" $(PARALLEL) $(PYTEST_ARGS)
+
+test-faults: venv ## Every fault-injection test (MemoryError, OSError from the kernel, a failed send); in make test too
+	$(PYTEST) -m faults $(PARALLEL) $(PYTEST_ARGS)
 
 test-floods: venv ## The full flood matrix (every model, mode and scenario); tables in reports/test-floods.md
 	@mkdir -p $(REPORTS) && rm -f $(REPORTS)/test-floods.jsonl

@@ -201,6 +201,7 @@ def test_a_step_adds_its_deltas_together_or_not_at_all() -> None:
     assert held_locks() == ()
 
 
+@pytest.mark.faults
 def test_memory_running_out_at_any_step_of_acquire_leaves_nothing_held() -> None:
     # Under an exhausted address space any allocation fails; the address-space flood hit
     # a `finally` that could not release, and every later thread deadlocked on the lock

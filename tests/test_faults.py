@@ -22,6 +22,8 @@ from services.accepting import accept_connection, turn_until
 from services.models import MODELS
 from support import EVENTUALLY, MODES, RunningService, connect, echo_once, running, wait_until
 
+pytestmark = pytest.mark.faults  # make test-faults
+
 
 class FailOnce:
     """Wrap `call` so that its first call raises MemoryError (and does nothing else)."""

@@ -41,6 +41,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("model", list(MODELS))
 def test_emfile_in_accept_neither_crashes_nor_spins_and_recovers(
     model: str, tmp_path: Path
@@ -93,6 +94,7 @@ class RefusingListener:
         return getattr(self._real, name)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "code", [errno.EPERM, errno.EPROTO, errno.ECONNABORTED], ids=errno.errorcode.get
 )

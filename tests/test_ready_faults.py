@@ -31,6 +31,8 @@ from support import (
     wait_until,
 )
 
+pytestmark = pytest.mark.faults  # make test-faults
+
 
 def balanced(server: RunningService) -> bool:
     """Everything accepted is rejected or closed, and no state holds a connection."""

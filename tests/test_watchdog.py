@@ -140,6 +140,7 @@ class OutOfMemoryAtFirst(threading.Event):
         return super().wait(timeout)
 
 
+@pytest.mark.faults
 def test_the_watchdog_outlives_running_out_of_memory_and_still_trips_on_a_hang() -> None:
     tripped = threading.Event()
     readings = iter([0, MemoryError(), *[0] * 1000])
