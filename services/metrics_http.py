@@ -163,11 +163,8 @@ class MetricsServer:
             self._clients[sock] = client
             try:
                 selector.register(sock, selectors.EVENT_READ, client)
-            except BaseException as error:  # epoll_ctl (ENOMEM, ENOSPC) or memory
-                del self._clients[sock]
-                sock.close()  # this one is dropped, and the listener backs off
-                if not isinstance(error, OSError):
-                    raise
+            except OSError as error:  # epoll_ctl: ENOMEM, ENOSPC; drop it, back off
+                self._drop(selector, client)
                 self._warn.warning("metrics: cannot watch a client: %s", error)
                 return next_backoff(error.errno or errno.ENOMEM, backoff)
         return 0.0

@@ -300,11 +300,11 @@ class ReadyDispatch:
 
     # -- on a worker's thread ------------------------------------------------------------
 
-    def serve_turn(self, conn: Connection, claim: list[Connection] | None = None) -> None:
+    def serve_turn(self, conn: Connection, claim: list[Connection]) -> None:
         """Echo what `conn` has for us, then hand it back to the loop or close it. Never
         raises: whatever happens, the connection is parked again or closed and counted.
-        With a `claim` (see `_ready`), only if this worker wins it."""
-        if claim is not None and not _won(claim):
+        Only if this worker wins the `claim` (see `_ready`)."""
+        if not _won(claim):
             return  # the loop closed it when its submit failed
         stats = self._stats
         state = stats.queued

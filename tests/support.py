@@ -26,6 +26,8 @@ MODES = [(name, mode) for name, spec in MODELS.items() for mode in spec.dispatch
 MODE_IDS = [f"{name}-{mode}" for name, mode in MODES]
 BOUNDED = [name for name, spec in MODELS.items() if spec.bounded]
 UNBOUNDED = [name for name, spec in MODELS.items() if not spec.bounded]
+# The attacks a thread per connection cannot survive (churn and the metrics port it can).
+UNBOUNDED_BREAKERS = ("idle", "slowloris", "slow-reader")
 # Runs one flood and returns it (the `flooder` fixture: it also records the run).
 Flooder = Callable[[Target, str, RunSettings], FloodRun]
 
@@ -265,3 +267,10 @@ def ready_holds(scenario: str, size: int) -> int:
     connects and resets) and the metrics endpoint its client cap (it pushes the oldest
     out for each newcomer)."""
     return {"churn": 0, "metrics-slowloris": min(size, METRICS_CLIENTS)}.get(scenario, size)
+
+
+def balanced(server: RunningService) -> bool:
+    """Everything accepted is rejected or closed, and no state holds a connection."""
+    s = server.stats.snapshot()
+    settled = s.accepted == sum(s.rejected.values()) + sum(s.closed.values())
+    return settled and s.active == 0 and int(server.stats.pending_output.value) == 0

@@ -24,14 +24,20 @@ from loadtest.containers import container_address
 from loadtest.flood import RunSettings, Target
 from services.dashboard import PANELS
 from services.models import MODELS
-from support import ROOT, Flooder, assert_landed, echo_once, ready_holds, wait_until
+from support import (
+    ROOT,
+    UNBOUNDED_BREAKERS,
+    Flooder,
+    assert_landed,
+    echo_once,
+    ready_holds,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
 PROJECT = "echo-cluster"
 PORTS = {name: spec.port for name, spec in MODELS.items()}
-# The attacks a thread per connection cannot survive (churn and the metrics port it can).
-UNBOUNDED_BREAKERS = ("idle", "slowloris", "slow-reader")
 
 
 def run(*command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

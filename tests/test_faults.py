@@ -20,7 +20,16 @@ import services.models.threads as threads_model
 import services.ready
 from services.accepting import accept_connection, turn_until
 from services.models import MODELS
-from support import EVENTUALLY, MODES, RunningService, connect, echo_once, running, wait_until
+from support import (
+    EVENTUALLY,
+    MODES,
+    RunningService,
+    balanced,
+    connect,
+    echo_once,
+    running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.faults  # make test-faults
 
@@ -73,13 +82,6 @@ def inject(server: RunningService, step: str, monkeypatch: pytest.MonkeyPatch) -
         fault = FailOnce(services.echo.echo)
         monkeypatch.setattr(services.base, "echo", fault)
     return fault
-
-
-def balanced(server: RunningService) -> bool:
-    """Everything accepted is rejected or closed, and no state holds a connection."""
-    s = server.stats.snapshot()
-    settled = s.accepted == sum(s.rejected.values()) + sum(s.closed.values())
-    return settled and s.active == 0 and int(server.stats.pending_output.value) == 0
 
 
 @pytest.mark.parametrize(("model", "mode", "step"), CASES, ids=["-".join(c) for c in CASES])

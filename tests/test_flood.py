@@ -24,6 +24,7 @@ from support import (
     BOUNDED,
     ROOT,
     UNBOUNDED,
+    UNBOUNDED_BREAKERS,
     Flooder,
     ServerProcess,
     assert_landed,
@@ -54,7 +55,6 @@ POOL_ARGS = (
 # deadline and client cap) or the attacker cuts itself (churn): a reconnecting attack
 # must have replaced connections there, or it did not keep its count.
 CUT = ("idle", "slow-reader", "churn", "metrics-slowloris")
-UNBOUNDED_BREAKERS = ("slowloris", "slow-reader")  # beside idle: what a thread each cannot take
 
 
 def settings(**overrides: float | bool) -> RunSettings:
@@ -70,21 +70,15 @@ def settings(**overrides: float | bool) -> RunSettings:
     return RunSettings(**{**base, **overrides})  # type: ignore[arg-type]
 
 
-def one_per_claim(model_cases: list[str], scenario: str, every_model: bool = False) -> list[str]:
-    """The models `make test` floods with `scenario`: one, alternating by scenario, unless
-    the claim is about every model."""
-    if every_model:
-        return model_cases
-    return [model_cases[SCENARIOS.index(scenario) % len(model_cases)]]
-
-
 def cases(
     models: list[str], scenarios: list[str], every_model: tuple[str, ...] = ()
 ) -> list[ParameterSet]:
-    """Every model x scenario; those beyond one per claim are marked `matrix`."""
+    """Every model x scenario. `make test` floods one model per scenario, alternating by
+    scenario (every model for those in `every_model`); the rest are marked `matrix`."""
     out = []
     for scenario in scenarios:
-        chosen = one_per_claim(models, scenario, scenario in every_model)
+        n = SCENARIOS.index(scenario)
+        chosen = models if scenario in every_model else [models[n % len(models)]]
         for model in models:
             marks = () if model in chosen else (pytest.mark.matrix,)
             out.append(pytest.param(model, scenario, marks=marks, id=f"{scenario}-{model}"))
@@ -209,7 +203,8 @@ def test_slowloris_pins_the_recipes_pool(model: str, tmp_path: Path, flooder: Fl
 
 @pytest.mark.parametrize("model", UNBOUNDED)
 @pytest.mark.parametrize(
-    "scenario", ["idle", *(pytest.param(s, marks=pytest.mark.matrix) for s in UNBOUNDED_BREAKERS)]
+    "scenario",
+    [s if s == "idle" else pytest.param(s, marks=pytest.mark.matrix) for s in UNBOUNDED_BREAKERS],
 )
 def test_the_threads_model_grows_a_thread_per_connection(
     model: str, scenario: str, tmp_path: Path, flooder: Flooder

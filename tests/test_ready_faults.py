@@ -24,6 +24,7 @@ from support import (
     BOUNDED,
     EVENTUALLY,
     RunningService,
+    balanced,
     connect,
     roundtrip,
     running,
@@ -32,13 +33,6 @@ from support import (
 )
 
 pytestmark = pytest.mark.faults  # make test-faults
-
-
-def balanced(server: RunningService) -> bool:
-    """Everything accepted is rejected or closed, and no state holds a connection."""
-    s = server.stats.snapshot()
-    settled = s.accepted == sum(s.rejected.values()) + sum(s.closed.values())
-    return settled and s.active == 0 and int(server.stats.pending_output.value) == 0
 
 
 class RaiseOnce:
