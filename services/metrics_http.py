@@ -6,14 +6,21 @@ byte a second. So, like the echo servers' `ready` dispatch, every connection
 waits in a selector and costs a descriptor:
 - a request must arrive whole (request line and headers, at most 8 KiB) within
   `REQUEST_DEADLINE` of its accept, or it is closed;
-- at most `MAX_CONNECTIONS` are open; a new one pushes out the oldest, which has
-  had longest to send a request and has not;
+- at most `MAX_CONNECTIONS` are open; a new one pushes out the oldest that has
+  not sent a whole request yet (it has had longest to, and has not), and only when
+  every client has, the oldest of all;
 - `accept()` errors back off (descriptors run out under the floods), and a
   descriptor is never lost when memory runs out while accepting;
 - running out of memory anywhere drops at most the request in hand;
 - `stop()` never waits on a client.
-The registry is rendered at most once per request, only when the request is
-complete.
+A response is never destroyed by a reset: closing a socket with unread bytes makes
+the kernel send RST and discard what it has not transmitted, so after the response
+the server shuts its side down and reads to the client's end (a lingering close, as
+Apache and nginx do) for at most `LINGER_CLOSE`.
+The registry is rendered only for a complete request, and a rendering is reused for
+`BODY_REUSE`: it walks every collector (and /proc/self/fd, which grows with the
+connections) on a thread that shares the GIL with the echo loop, and a client that
+scrapes back to back must not make the echo port pay for each scrape.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import re
 import selectors
 import socket
 import threading
@@ -39,17 +47,28 @@ log = logging.getLogger("echo.metrics")
 REQUEST_DEADLINE = 5.0  # seconds from accept for the whole request
 MAX_REQUEST = 8192  # bytes of request line and headers
 MAX_CONNECTIONS = 256
+LINGER_CLOSE = 2.0  # seconds a served client has to close its end before it is closed
+BODY_REUSE = 0.5  # seconds a rendered registry is served again
 _TICK = 0.5
+# The end of the head: a blank line. RFC 9112 (2.2) lets a recipient take a bare LF for
+# CRLF, and some clients send one.
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 class _Client:
-    __slots__ = ("deadline", "request", "response", "sock")
+    __slots__ = ("deadline", "lingering", "request", "response", "sock")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
         self.deadline = deadline
         self.request = b""
-        self.response = b""
+        self.response = b""  # set once the request is complete, emptied as it is sent
+        self.lingering = False  # served: waiting for the client's end (LINGER_CLOSE)
+
+    @property
+    def reading(self) -> bool:
+        """Still waiting for a whole request."""
+        return not self.response and not self.lingering
 
 
 class MetricsServer:
@@ -82,6 +101,8 @@ class MetricsServer:
         self._warn = RateLimitedLog(log)
         self._backoff = 0.0  # the accept back-off in force (seconds)
         self._paused_until = 0.0  # when the listener is watched again (monotonic)
+        self._body = b""  # the last rendering of the registry (BODY_REUSE)
+        self._body_until = 0.0  # when it goes stale (monotonic)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -157,7 +178,7 @@ class MetricsServer:
                 self._warn.warning("metrics accept failed: %s", error)
                 return next_backoff(error.errno or 0, backoff)
             if len(self._clients) >= MAX_CONNECTIONS:
-                self._drop(selector, next(iter(self._clients.values())))
+                self._drop(selector, self._to_push_out())
             sock.setblocking(False)
             client = _Client(sock, time.monotonic() + REQUEST_DEADLINE)
             self._clients[sock] = client
@@ -169,12 +190,22 @@ class MetricsServer:
                 return next_backoff(error.errno or errno.ENOMEM, backoff)
         return 0.0
 
+    def _to_push_out(self) -> _Client:
+        """The client to close for a newcomer: the oldest still sending its request, or
+        the oldest of all when every client has sent one."""
+        return next(
+            (client for client in self._clients.values() if client.reading),
+            next(iter(self._clients.values())),
+        )
+
     def _on_client(self, selector: selectors.BaseSelector, client: _Client, mask: int) -> None:
         if client.sock not in self._clients:  # dropped earlier, or half-dropped: finish it
             self._drop(selector, client)
             return
         try:
-            if mask & selectors.EVENT_READ:
+            if client.lingering:
+                self._discard(selector, client)
+            elif mask & selectors.EVENT_READ:
                 self._read(selector, client)
             elif client.response:
                 self._write(selector, client)
@@ -187,25 +218,26 @@ class MetricsServer:
             self._drop(selector, client)
             return
         client.request += data
-        end = client.request.find(b"\r\n\r\n")
-        if end < 0:
+        end = _HEAD_END.search(client.request)
+        if end is None:
             if len(client.request) >= MAX_REQUEST:
                 client.response = _response(431, b"request header fields too large\n")
                 selector.modify(client.sock, selectors.EVENT_WRITE, client)
             return
-        client.response = self._respond(client.request[:end])
+        client.response = self._respond(client.request[: end.start()])
+        client.request = b""
         selector.modify(client.sock, selectors.EVENT_WRITE, client)
         self._write(selector, client)
 
     def _respond(self, head: bytes) -> bytes:
-        method, _, rest = head.partition(b" ")
+        method, _, rest = head.partition(b"\n")[0].partition(b" ")
         path = rest.partition(b" ")[0].partition(b"?")[0]
         if method != b"GET":
             return _response(405, b"only GET\n")
         if path not in (b"/", b"/metrics"):
             return _response(404, b"not found: try /metrics\n")
         try:
-            body = generate_latest(self._registry)
+            body = self._rendered(time.monotonic())
         except MemoryError:
             raise  # the client is dropped and counted
         except Exception:
@@ -213,20 +245,33 @@ class MetricsServer:
             return _response(500, b"collecting the metrics failed\n")
         return _response(200, body, CONTENT_TYPE_LATEST.encode())
 
+    def _rendered(self, now: float) -> bytes:
+        if now >= self._body_until:
+            self._body = generate_latest(self._registry)
+            self._body_until = now + BODY_REUSE
+        return self._body
+
     def _write(self, selector: selectors.BaseSelector, client: _Client) -> None:
         try:
             sent = client.sock.send(client.response)
         except BlockingIOError:
             return
         client.response = client.response[sent:]
-        if not client.response:
+        if not client.response:  # all of it is the kernel's: close without a reset
+            client.sock.shutdown(socket.SHUT_WR)
+            client.lingering = True
+            client.deadline = time.monotonic() + LINGER_CLOSE
+            selector.modify(client.sock, selectors.EVENT_READ, client)
+
+    def _discard(self, selector: selectors.BaseSelector, client: _Client) -> None:
+        """Read and drop what a served client still sends, until its end."""
+        if not client.sock.recv(MAX_REQUEST):
             self._drop(selector, client)
 
     def _expire(self, selector: selectors.BaseSelector, now: float) -> None:
-        while self._clients:
-            client = next(iter(self._clients.values()))
-            if client.deadline > now:
-                break
+        # A served client's deadline is later than those accepted after it: look at all
+        # of them (at most MAX_CONNECTIONS, twice a second).
+        for client in [c for c in self._clients.values() if c.deadline <= now]:
             self._drop(selector, client)
 
     def _drop(self, selector: selectors.BaseSelector, client: _Client) -> None:

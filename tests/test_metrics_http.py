@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
+import services.metrics_http
 from services.base import SHUTDOWN_DEADLINE
-from services.metrics_http import MAX_CONNECTIONS, REQUEST_DEADLINE
+from services.metrics_http import BODY_REUSE, MAX_CONNECTIONS, REQUEST_DEADLINE
 from support import (
     EVENTUALLY,
     FREEZE_MARGIN,
@@ -120,6 +122,101 @@ def test_bad_requests_get_a_status_not_a_hang(request_bytes: bytes, status: int)
         while chunk := sock.recv(4096):
             reply += chunk
         assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:80]
+
+
+def test_a_request_with_bare_lf_line_ends_is_answered() -> None:
+    with (
+        running("queue") as server,
+        socket.create_connection(server.service.metrics_address, timeout=EVENTUALLY) as sock,
+    ):
+        sock.sendall(b"GET /metrics HTTP/1.1\nHost: x\n\n")
+        status, body = read_response(sock)
+        assert status == 200 and b"echo_connections_accepted_total" in body
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Read a whole response (to the server's end): its status and its body, which must
+    be as long as its Content-Length says."""
+    sock.settimeout(EVENTUALLY)
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    lengths = [int(line.split(b":")[1]) for line in lines if line.startswith(b"Content-Length")]
+    assert lengths, f"not a response: {reply[:80]!r}"
+    assert len(body) == lengths[0], f"{len(body)} of {lengths[0]} body bytes"
+    return int(lines[0].split()[1]), body
+
+
+def server_side_state(client_port: int, server_port: int) -> str | None:
+    """The TCP state (/proc/net/tcp, hex) of the server's end of a loopback connection;
+    None once the kernel has let it go."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == (
+            client_port
+        ):
+            return state
+    return None
+
+
+_ESTABLISHED = "01"
+
+
+def test_a_response_is_not_destroyed_by_a_reset_when_request_bytes_are_left_unread() -> None:
+    # The client sends a body the server never reads, and reads the response only after
+    # the server is done with it; with a tiny receive window most of the response is
+    # still in the server's send queue then. close() with unread bytes resets the
+    # connection and throws that queue away: the client got 1,932 of 6,338 bytes.
+    with running("queue") as server, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect(server.service.metrics_address)
+        ports = sock.getsockname()[1], server.service.metrics_address[1]
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nContent-Length: 20000\r\n\r\n" + b"b" * 20000)
+        wait_until(lambda: server_side_state(*ports) != _ESTABLISHED, what="the server to finish")
+        status, body = read_response(sock)
+        assert status == 200 and b"echo_connections_accepted_total" in body
+
+
+def test_at_the_cap_a_client_with_a_whole_request_is_pushed_out_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    big = b"# padding\n" * 400_000  # 4 MB: more than the kernel takes while no one reads
+    monkeypatch.setattr(services.metrics_http, "generate_latest", lambda _registry: big)
+    with running("queue") as server, socket.socket() as served:
+        address = server.service.metrics_address
+        served.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        served.connect(address)
+        served.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        wait_until(lambda: served.recv(1, socket.MSG_PEEK), what="the response to start")
+        # The served client is the oldest; these are newer and have sent nothing.
+        idle = [socket.create_connection(address) for _ in range(MAX_CONNECTIONS + 10)]
+        try:
+            wait_until(lambda: not held_open(idle[0]), what="the oldest idle to be pushed out")
+            status, body = read_response(served)
+            assert status == 200 and body == big
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_back_to_back_scrapes_reuse_one_rendering(monkeypatch: pytest.MonkeyPatch) -> None:
+    renders = []
+    real = generate_latest
+
+    def counted(registry: CollectorRegistry) -> bytes:
+        renders.append(time.monotonic())
+        return real(registry)
+
+    monkeypatch.setattr(services.metrics_http, "generate_latest", counted)
+    with running("queue") as server:
+        started = time.monotonic()
+        for _ in range(50):
+            assert scrape(server.service.metrics_address)
+        elapsed = time.monotonic() - started
+    # Once per BODY_REUSE at most (and once to begin with), however fast the scrapes come.
+    assert len(renders) <= 2 + elapsed / BODY_REUSE, (len(renders), elapsed)
 
 
 def test_both_paths_serve_the_metrics() -> None:
