@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from services.concurrency import SharedCounter
 from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn, set_kernel_timeout
 from services.logs import quietly
+from services.send_clock import SendClock
 from services.stats import persist
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ class Connection:
     """A connection's state between turns; lives as long as the connection."""
 
     __slots__ = (
-        "last_active", "ready_at", "rests_until", "sock", "stalled_since", "unsent", "woke_writable"
+        "clock", "last_active", "ready_at", "rests_until", "sock", "stalled_since", "unsent",
+        "woke_writable",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, now: float) -> None:
@@ -77,6 +79,7 @@ class Connection:
         self.ready_at = now  # when the loop handed it to the pool
         self.woke_writable = False  # this turn began because the client took some echo
         self.rests_until = 0.0  # writing but not watched until then (WRITABLE_REST)
+        self.clock = 0  # its live entry in the send clock while writing; 0 otherwise
 
 
 def over_budget(writers: Iterable[Connection], pending: int, budget: int) -> list[Connection]:
@@ -113,7 +116,8 @@ class ReadyDispatch:
         # Parked connections in the order they were parked: the front has been quiet
         # (or stalled) longest. Only the loop's thread touches these.
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
-        self._writing: OrderedDict[Connection, None] = OrderedDict()
+        self._writing: dict[Connection, None] = {}  # their stall order: `_send_clock`
+        self._send_clock: SendClock[Connection] = SendClock()
         self._handbacks: deque[tuple[Connection, str]] = deque()  # from workers
         self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
@@ -146,6 +150,8 @@ class ReadyDispatch:
         parked = self._waiting if interest == "read" else self._writing
         parked[conn] = None
         try:
+            if parked is self._writing:
+                self._send_clock.add(conn, len(self._writing))
             if interest == "rest":
                 conn.rests_until = time.monotonic() + WRITABLE_REST
                 self._resting.append(conn)
@@ -154,6 +160,7 @@ class ReadyDispatch:
         except BaseException:
             del parked[conn]
             conn.rests_until = 0.0
+            self._send_clock.remove(conn)
             raise
 
     def _watch(self, conn: Connection, interest: str) -> None:
@@ -170,6 +177,7 @@ class ReadyDispatch:
             del self._waiting[conn]
             return True
         del self._writing[conn]
+        self._send_clock.remove(conn)
         return False
 
     def _ready(self, conn: Connection, _sock: socket.socket, _mask: int) -> None:
@@ -227,24 +235,25 @@ class ReadyDispatch:
             self._server.wake()  # more than one wake's worth: come back after the rest
         pending, budget = self._stats.pending_output.value, self._config.output_budget
         if pending > budget:
-            for conn in over_budget(self._writing, pending, budget):
+            for conn in over_budget(self._send_clock.by_stall(), pending, budget):
                 self._close_parked(conn, "slow_reader")
 
     def next_deadline(self, now: float) -> float:
         deadlines = [now + 1.0]
         if self._config.idle_timeout is not None and self._waiting:
             deadlines.append(next(iter(self._waiting)).last_active + self._config.idle_timeout)
-        if self._config.send_timeout is not None and self._writing:
-            deadlines.append(next(iter(self._writing)).stalled_since + self._config.send_timeout)
+        stalled = self._send_clock.first()
+        if self._config.send_timeout is not None and stalled is not None:
+            deadlines.append(stalled.stalled_since + self._config.send_timeout)
         if self._resting:
             deadlines.append(self._resting[0].rests_until)  # 0 when stale: cleared at once
         return min(deadlines)
 
     def expire(self, now: float) -> None:
-        """Close the idle and the stalled, from the front (parked longest ago). The order
-        is the parking order, which is close to, not exactly, last-activity order: a
-        connection may wait a little past its timeout behind one parked earlier. Writers
-        that have rested long enough are watched again."""
+        """Close the idle (from the front: parked longest ago; the order is the parking
+        order, close to, not exactly, last-activity order, so a connection may wait a
+        little past its timeout behind one parked earlier) and the stalled (in stall
+        order, exactly). Writers that have rested long enough are watched again."""
         while self._resting and self._resting[0].rests_until <= now:
             conn = self._resting.popleft()
             if conn.rests_until:  # else closed or served since: stale
@@ -262,11 +271,10 @@ class ReadyDispatch:
                     break
                 self._close_parked(conn, "idle")
         if send is not None:
-            while self._writing:
-                conn = next(iter(self._writing))
-                if now - conn.stalled_since < send:
+            while (stalled := self._send_clock.first()) is not None:
+                if now - stalled.stalled_since < send:
                     break
-                self._close_parked(conn, "slow_reader")
+                self._close_parked(stalled, "slow_reader")
 
     def evict_quietest(self) -> bool:
         """At the cap: close the connection that has waited longest for bytes, so that a
@@ -349,11 +357,13 @@ class ReadyDispatch:
 
     def _settle_turn(self, conn: Connection, turn: Turn, outcome: str, pending_before: int) -> None:
         """Restart the connection's clocks and count its unsent echo (its traffic is
-        counted with the step that parks or closes it)."""
+        counted with the step that parks or closes it). A writer's stall runs from its
+        last progress, or from when it began writing: a turn that enters `write` having
+        sent nothing starts the clock, and does not inherit an older turn's."""
         now = time.monotonic()
         if turn.received:
             conn.last_active = now
-        if turn.sent or outcome != "write":
+        if turn.sent or outcome != "write" or not conn.woke_writable:
             conn.stalled_since = now
         if len(conn.unsent) != pending_before:
             persist(self._stats.pending_output.incr, len(conn.unsent) - pending_before)

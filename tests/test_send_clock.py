@@ -1,0 +1,149 @@
+"""The send timeout runs from a writer's last progress, whatever order writers were parked
+in, and starts when a connection first has an echo it cannot send."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import services.base
+import services.ready
+from services.send_clock import SendClock
+from support import BOUNDED, EVENTUALLY, held_open, running, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass(eq=False)
+class Writer:
+    stalled_since: float
+    clock: int = 0
+
+
+def test_the_clock_gives_writers_in_stall_order_not_in_the_order_they_came() -> None:
+    clock: SendClock[Writer] = SendClock()
+    fresh, old, older = Writer(30.0), Writer(20.0), Writer(10.0)
+    for writer in (fresh, old, older):  # a rested writer comes back with its old stall
+        clock.add(writer, 3)
+    assert clock.first() is older
+    assert list(clock.by_stall()) == [older, old, fresh]
+    clock.remove(older)
+    assert clock.first() is old and list(clock.by_stall()) == [old, fresh]
+    clock.remove(old)
+    clock.add(old, 2)  # parked again, same stall: one entry counts, not two
+    assert list(clock.by_stall()) == [old, fresh]
+
+
+def test_dead_entries_do_not_pile_up() -> None:
+    clock: SendClock[Writer] = SendClock()
+    writer = Writer(1.0)
+    for _ in range(10_000):  # a writer woken and parked again, over and over
+        clock.remove(writer)
+        clock.add(writer, 1)
+    assert len(clock._heap) <= 2 + 64 + 1
+    assert list(clock.by_stall()) == [writer]
+
+
+class ScriptedTurns:
+    """Stands in for echo_turn (`services.ready` looks it up at call time): each
+    connection's first turn does `first`, every later one is a writer woken for room that
+    sends nothing. Keyed by the client's port."""
+
+    def __init__(self, first: str) -> None:
+        self._first = first
+        self.turns: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, sock: socket.socket, _buffer: memoryview, unsent: bytes, **kw: Any) -> Any:
+        turn = kw["turn"]
+        with self._lock:
+            self.turns[sock.getpeername()[1]] += 1
+            nth = self.turns[sock.getpeername()[1]]
+        with contextlib.suppress(BlockingIOError):
+            turn.received += len(sock.recv(65536, socket.MSG_DONTWAIT))
+        if nth > 1:
+            return "write", unsent or b"e"  # woken for room, sent nothing
+        if self._first == "fill":  # sends until the kernel takes no more: a stalled echo
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    turn.sent += sock.send(b"f" * 65536, socket.MSG_DONTWAIT)
+            return "write", b"e"
+        return "read", b""  # echoed all of it
+
+
+def small_window_client(address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(address)
+    sock.settimeout(EVENTUALLY)
+    return sock
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_writer_that_rests_behind_a_fresher_one_is_still_cut_first(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stalls first, B after; then A is woken for room and sends nothing, so it is
+    # parked again behind B with its older stall. Parking order put B first (and A was
+    # cut only once B was); its stall puts A first.
+    script = ScriptedTurns(first="fill")
+    monkeypatch.setattr(services.ready, "echo_turn", script)
+    closed: list[int] = []
+    finish = services.base.Server.finish
+
+    def recorded(server: services.base.Server, sock: socket.socket, *args: Any) -> None:
+        with contextlib.suppress(OSError):
+            closed.append(sock.getpeername()[1])
+        finish(server, sock, *args)
+
+    monkeypatch.setattr(services.base.Server, "finish", recorded)
+    with (
+        running(model, workers=2, send_timeout=3.0) as server,
+        small_window_client(server.address) as a,
+        small_window_client(server.address) as b,
+    ):
+        port_a, port_b = a.getsockname()[1], b.getsockname()[1]
+        a.sendall(b"a")
+        wait_until(lambda: server.stats.writing.value == 1, what="A to stall")
+        b.sendall(b"b")
+        wait_until(lambda: server.stats.writing.value == 2, what="B to stall")
+        a.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while a.recv(65536):  # room on A's side: it is woken, and sends nothing
+                pass
+        wait_until(lambda: script.turns[port_a] >= 2, what="A to be woken for room")
+        wait_until(lambda: server.stats.closed["slow_reader"].value == 2, what="both to be cut")
+        assert closed == [port_a, port_b]
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_the_stall_starts_when_an_echo_first_cannot_be_sent(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first turn echoes everything; after a pause longer than the send timeout, the
+    # second cannot send its echo at all. Its clock must start then, not at the end of
+    # the first turn (which cut it at once).
+    send_timeout = 1.0
+    monkeypatch.setattr(services.ready, "echo_turn", ScriptedTurns(first="echo"))
+    with (
+        running(model, workers=2, send_timeout=send_timeout) as server,
+        small_window_client(server.address) as sock,
+    ):
+        sock.sendall(b"1")
+        wait_until(
+            lambda: server.stats.started.value == 1 and server.stats.waiting.value == 1,
+            what="the first turn to end",
+        )
+        threading.Event().wait(1.5 * send_timeout)  # the pause under test
+        sent_at = time.monotonic()
+        sock.sendall(b"2")
+        wait_until(lambda: not held_open(sock), what="the stalled echo to be cut")
+        assert time.monotonic() - sent_at >= send_timeout
+        assert server.stats.closed["slow_reader"].value == 1
