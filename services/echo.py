@@ -134,10 +134,29 @@ def close_reason_for(error: OSError) -> str:
 class Turn:
     """What one worker turn on a parked connection did (`ready` dispatch)."""
 
-    __slots__ = ("messages", "received", "sent")
+    __slots__ = ("_published", "messages", "received", "sent")
 
     def __init__(self) -> None:
         self.received = self.sent = self.messages = 0
+        self._published = (0, 0, 0)
+
+    def add(self, received: int, sent: int, messages: int) -> None:
+        self.received += received
+        self.sent += sent
+        self.messages += messages
+
+    def unpublished(
+        self, received: int = 0, sent: int = 0, messages: int = 0
+    ) -> tuple[int, int, int]:
+        """What the turn has done and the shared counters have not been given, taken as
+        given now; `received`, `sent` and `messages` are counts not yet `add`ed."""
+        before = self._published
+        self._published = (self.received + received, self.sent + sent, self.messages + messages)
+        return (
+            self._published[0] - before[0],
+            self._published[1] - before[1],
+            self._published[2] - before[2],
+        )
 
 
 def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for speed)
@@ -150,6 +169,7 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
     no_one_waiting: Callable[[], bool],
     turn: Turn,
     hold_back: bool = False,
+    publish: Callable[[int, int, int], None] | None = None,
 ) -> tuple[str, bytes]:
     """Echo what the client has sent without ever blocking on a send.
 
@@ -165,7 +185,9 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
     for a ping-pong client that saves parking it and waking a worker again, and the
     blocking recv() costs one system call, where polling first cost two and an
     exception. The socket is in blocking mode for that; every other call passes
-    MSG_DONTWAIT.
+    MSG_DONTWAIT. A lingering turn may last as long as the client talks, so it hands
+    its traffic to `publish(received, sent, messages)` every `FLUSH_INTERVAL`, as
+    `echo` does (`turn.unpublished()` is the rest, for the caller).
 
     With `hold_back` (the server's memory for unsent echoes is running short) it takes
     from the kernel only what it could echo: it peeks, sends, and then reads exactly
@@ -191,6 +213,7 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
     flags = peek | _DONTWAIT
     size = len(buffer)
     received_total = sent_total = messages = 0
+    next_flush = 0.0  # set when the turn first lingers: a turn that does not pays nothing
     try:
         while True:
             try:
@@ -222,15 +245,20 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
                 if at_cap and not free:
                     return "read", b""
                 wait = linger and free
+                if wait and publish is not None:
+                    now = time.monotonic()
+                    if not next_flush:
+                        next_flush = now + FLUSH_INTERVAL
+                    elif now >= next_flush:
+                        publish(*turn.unpublished(received_total, sent_total, messages))
+                        next_flush = now + FLUSH_INTERVAL
             if drained and not wait:
                 # Asking again would cost a system call and an exception to hear "nothing
                 # yet"; the loop's selector says when there is more.
                 return "read", b""
             flags = peek | (0 if wait else _DONTWAIT)
     finally:
-        turn.received += received_total
-        turn.sent += sent_total
-        turn.messages += messages
+        turn.add(received_total, sent_total, messages)
 
 
 def _send_some(conn: socket.socket, data: bytes | memoryview) -> int:

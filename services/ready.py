@@ -337,6 +337,7 @@ class ReadyDispatch:
                     # Half the budget used: echo only what the client takes, and leave
                     # the rest in the kernel, where TCP's window holds the client back.
                     hold_back=stats.pending_output.value > self._config.output_budget // 2,
+                    publish=self._publish,
                 )
         except OSError as error:
             outcome = close_reason_for(error)
@@ -372,9 +373,10 @@ class ReadyDispatch:
         """Hand a connection (counted in `state`) back to the loop, or close it; count the
         turn's traffic either way."""
         stats = self._stats
+        traffic = turn.unpublished()
         if outcome in _PARKED and not self._server.stopping and state is stats.busy:
             parked = stats.waiting if outcome == "read" else stats.writing
-            persist(stats.hand_back, parked, turn.received, turn.sent, turn.messages)
+            persist(stats.hand_back, parked, *traffic)
             try:
                 self._handbacks.append((conn, outcome))
             except MemoryError:
@@ -385,11 +387,14 @@ class ReadyDispatch:
             else:
                 self._server.wake()
             return
-        if turn.received or turn.sent:
-            persist(stats.on_traffic, turn.received, turn.sent, turn.messages)
+        if any(traffic):
+            persist(stats.on_traffic, *traffic)
         if outcome in _PARKED:
             outcome = "shutdown" if self._server.stopping else "error"
         self._close(conn, state, outcome)
+
+    def _publish(self, received: int, sent: int, messages: int) -> None:
+        persist(self._stats.on_traffic, received, sent, messages)
 
     def _no_one_waiting(self) -> bool:
         """Whether every connection handed to the pool has a worker free to take it, even

@@ -16,6 +16,7 @@ import pytest
 import services.ready
 from services.echo import READ_SIZE, Turn, echo_turn, set_kernel_timeout
 from services.ready import WRITABLE_REST, Connection, over_budget
+from services.stats import ServerStats
 from support import (
     BOUNDED,
     EVENTUALLY,
@@ -309,6 +310,42 @@ def test_a_worker_with_nothing_else_to_do_keeps_a_talking_connection(model: str)
     # Parking at once, a turn ends as soon as nothing more has arrived (here 60% of the
     # messages needed one); lingering, the client never falls quiet for a whole second.
     assert turns[1.0] <= 10 and 3 * turns[1.0] <= turns[0.0], turns
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_lingering_turn_publishes_its_traffic_while_it_lasts(model: str) -> None:
+    # One client talking to a worker that lingers: the turn lasts as long as the talk,
+    # and the counters (and the watchdog's progress) must not wait for its end.
+    payload = b"p" * 1024
+
+    def mid_turn(stats: ServerStats) -> tuple[int, tuple[int, int]] | None:
+        """(turns started, (bytes, messages) counted), read while one turn is under way
+        throughout (the watchdog's progress counts messages)."""
+        started, busy = stats.started.value, stats.busy.value
+        counted = stats.received_bytes.value, stats.messages.value
+        if busy == 1 and stats.busy.value == 1 and stats.started.value == started:
+            return started, counted
+        return None
+
+    with (
+        running(model, workers=2, linger=1.0) as server,
+        connect(server.address) as sock,
+    ):
+        stats = server.stats
+        seen: dict[int, tuple[int, int]] = {}  # turn -> the first counts read during it
+        grew = False
+        deadline = time.monotonic() + EVENTUALLY
+        while not grew and time.monotonic() < deadline:
+            assert roundtrip(sock, payload) == payload
+            if (now := mid_turn(stats)) is not None:
+                turn, counted = now
+                first = seen.setdefault(turn, counted)
+                grew = counted[0] > first[0] and counted[1] > first[1]
+        # A freeze longer than the linger ends a turn (and publishes): only a count that
+        # grew while one turn stayed under way says the turn published.
+        assert grew, "a lingering turn published nothing while it lasted"
+    # Every byte is counted once: the rest when the turn ended.
+    assert stats.received_bytes.value == stats.sent_bytes.value
 
 
 @contextlib.contextmanager
