@@ -21,7 +21,7 @@ from functools import partial
 from services.accepting import accept_connection, listen_again, next_backoff, turn_until
 from services.concurrency import SharedCounter
 from services.config import Config
-from services.echo import close_reason_for, echo
+from services.echo import RECEIVE_BUFFER, SEND_BUFFER, close_reason_for, echo
 from services.logs import RateLimitedLog, quietly
 from services.stats import ServerStats, persist
 
@@ -98,6 +98,10 @@ class Server(ABC):
         listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Before listen(): accepted sockets inherit them, and the window scale
+            # offered in the handshake follows the receive buffer.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             listener.bind((host, port))
         except OSError as error:
             listener.close()

@@ -8,6 +8,14 @@ import time
 from collections.abc import Callable
 
 READ_SIZE = 64 * 1024
+# The kernel's buffers per connection (it doubles what it is given), set on the listener
+# so that every accepted socket inherits them. Left to autotuning, the send buffer grows
+# to 4 MiB on loopback, and a client that never reads makes the server read and echo
+# that much before its echo stalls; the receive buffer grows to megabytes while a
+# stalled writer's client goes on sending. Both hold at least a whole read's echo.
+# Measured per stalled writer: docs/design.md, "Echoes held back in the kernel".
+SEND_BUFFER = READ_SIZE
+RECEIVE_BUFFER = READ_SIZE
 _DONTWAIT = int(socket.MSG_DONTWAIT)  # an int, not the enum: it is or-ed on every message
 _PEEK = int(socket.MSG_PEEK)
 FLUSH_INTERVAL = 0.25  # seconds of traffic a connection counts locally before publishing

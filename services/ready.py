@@ -51,11 +51,6 @@ log = logging.getLogger("echo.ready")
 
 _PARKED = ("read", "write", "rest")  # what a connection handed back waits for
 _HANDBACKS_PER_WAKE = 4096  # so a flood of hand-backs cannot starve accept and timeouts
-# The kernel's send buffer per connection (it doubles what it is given). Left to
-# autotuning it grows to 4 MiB on loopback, and a client that never reads makes the
-# server read and echo that much before its echo stalls: 2,000 slow readers kept a
-# half-CPU container busy echoing for them. 64 KiB still takes a whole read's echo.
-SEND_BUFFER = 64 * 1024
 # A writer that woke for writability and could send nothing waits this long before it is
 # watched again: under its own TCP memory pressure the kernel reports sockets writable
 # that take nothing, and watched again at once (or after 50 ms) 2,000 such writers kept
@@ -140,7 +135,6 @@ class ReadyDispatch:
         if self._config.linger:
             set_kernel_timeout(sock, socket.SO_RCVTIMEO, self._config.linger)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._park(Connection(sock, time.monotonic()), "read")
 
     def _park(self, conn: Connection, interest: str) -> None:

@@ -155,6 +155,23 @@ def is_served(address: tuple[str, int], timeout: float = 5.0) -> bool:
         return False
 
 
+ESTABLISHED = "01"  # a TCP state in /proc/net/tcp
+
+
+def server_end(client_port: int, server_port: int) -> tuple[str, int] | None:
+    """The server's end of a loopback IPv4 connection as the kernel sees it
+    (/proc/net/tcp): its TCP state (hex: "01" is established) and the bytes it has
+    received and not read; None once the kernel has let it go."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state, queues = line.split()[1:5]
+        if (int(local.split(":")[1], 16), int(remote.split(":")[1], 16)) == (
+            server_port,
+            client_port,
+        ):
+            return state, int(queues.split(":")[1], 16)
+    return None
+
+
 def held_open(sock: socket.socket) -> bool:
     """True while the peer has not closed `sock` (nothing to read, no EOF)."""
     sock.setblocking(False)

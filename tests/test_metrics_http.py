@@ -19,11 +19,13 @@ import services.metrics_http
 from services.base import SHUTDOWN_DEADLINE
 from services.metrics_http import BODY_REUSE, MAX_CONNECTIONS, REQUEST_DEADLINE
 from support import (
+    ESTABLISHED,
     EVENTUALLY,
     FREEZE_MARGIN,
     held_open,
     running,
     scrape,
+    server_end,
     server_process,
     wait_until,
 )
@@ -149,21 +151,6 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     return int(lines[0].split()[1]), body
 
 
-def server_side_state(client_port: int, server_port: int) -> str | None:
-    """The TCP state (/proc/net/tcp, hex) of the server's end of a loopback connection;
-    None once the kernel has let it go."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, remote, state = line.split()[1:4]
-        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == (
-            client_port
-        ):
-            return state
-    return None
-
-
-_ESTABLISHED = "01"
-
-
 def test_a_response_is_not_destroyed_by_a_reset_when_request_bytes_are_left_unread() -> None:
     # The client sends a body the server never reads, and reads the response only after
     # the server is done with it; with a tiny receive window most of the response is
@@ -174,7 +161,10 @@ def test_a_response_is_not_destroyed_by_a_reset_when_request_bytes_are_left_unre
         sock.connect(server.service.metrics_address)
         ports = sock.getsockname()[1], server.service.metrics_address[1]
         sock.sendall(b"GET /metrics HTTP/1.1\r\nContent-Length: 20000\r\n\r\n" + b"b" * 20000)
-        wait_until(lambda: server_side_state(*ports) != _ESTABLISHED, what="the server to finish")
+        wait_until(
+            lambda: (server_end(*ports) or ("gone",))[0] != ESTABLISHED,
+            what="the server to finish",
+        )
         status, body = read_response(sock)
         assert status == 200 and b"echo_connections_accepted_total" in body
 

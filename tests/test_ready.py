@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import services.ready
-from services.echo import READ_SIZE, Turn, echo_turn, set_kernel_timeout
+from services.echo import READ_SIZE, RECEIVE_BUFFER, Turn, echo_turn, set_kernel_timeout
 from services.ready import WRITABLE_REST, Connection, over_budget
 from services.stats import ServerStats
 from support import (
@@ -27,6 +27,7 @@ from support import (
     recv_exactly,
     roundtrip,
     running,
+    server_end,
     wait_until,
 )
 
@@ -124,6 +125,34 @@ def test_slow_readers_are_closed_and_never_hold_a_worker(model: str) -> None:
             assert server.sample("echo_pending_output_bytes") == 0
         finally:
             for sock in readers:
+                sock.close()
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_stalled_writer_holds_at_most_its_capped_receive_buffer(model: str) -> None:
+    # Clients that send on and never read: each server end stops reading once its echo
+    # stalls, and what the client sends meanwhile waits in the server's receive buffer.
+    # Left to autotuning, that grew to 0.4-2.6 MB for some of 20 writers.
+    with running(model, send_timeout=EVENTUALLY) as server:
+        clients = [connect(server.address) for _ in range(20)]
+        try:
+            for sock in clients:
+                sock.setblocking(False)
+            deadline = time.monotonic() + EVENTUALLY
+            while time.monotonic() < deadline:  # until the kernel takes nothing more
+                took = 0
+                for sock in clients:
+                    with contextlib.suppress(BlockingIOError):
+                        took += sock.send(b"w" * 65536)
+                if not took and server.stats.writing.value == len(clients):
+                    break
+            assert server.stats.writing.value == len(clients)
+            unread = [server_end(sock.getsockname()[1], server.address[1]) for sock in clients]
+            assert all(end is not None for end in unread)
+            # The kernel doubles what it is given, and counts some of it as overhead.
+            assert max(end[1] for end in unread if end) <= 2 * RECEIVE_BUFFER, unread
+        finally:
+            for sock in clients:
                 sock.close()
 
 
