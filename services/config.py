@@ -55,6 +55,10 @@ class Config:
     # the next message (a ping-pong client's next message then costs no hand-offs); the
     # floods hold with it (docs/performance.md)
     linger: float = 0.002
+    # ready dispatch, at the cap: only a connection that has sent fewer than `min_rate`
+    # bytes a second over its life makes room for a newcomer (0: the quietest does).
+    # Kestrel's minimum data rate.
+    min_rate: int = 240
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "--model", f"must be one of {', '.join(MODELS)}")
@@ -84,6 +88,7 @@ class Config:
         _check(self.output_budget >= 65536, "--output-budget", "must be at least 65536 bytes")
         _check(1 <= self.turn_messages <= 10_000, "--turn-messages", "must be 1 to 10000")
         _check(0 <= self.linger <= 1.0, "--linger", "must be 0 to 1 s")
+        _check(0 <= self.min_rate <= 10**9, "--min-rate", "must be 0 to 1000000000 bytes/s")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -257,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--max-connections",
-        help="ready dispatch: connections admitted at once; at the cap the quietest waiting "
-        "one is evicted for a newcomer [ECHO_MAX_CONNECTIONS, default 10000 or less by the "
-        "descriptor limit]",
+        help="ready dispatch: connections admitted at once; at the cap a newcomer takes the "
+        "place of one behind --min-rate or is refused [ECHO_MAX_CONNECTIONS, default 10000 "
+        "or less by the descriptor limit]",
     )
     add(
         "--output-budget",
@@ -277,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ready dispatch: seconds a worker with nothing else to do waits on its connection "
         "for the next message before parking it; 0 parks at once [ECHO_LINGER, default "
         f"{Config.linger:g}]",
+    )
+    add(
+        "--min-rate",
+        help="ready dispatch, at the cap: a newcomer takes the place of a waiting connection "
+        "that has sent fewer bytes a second than this over its life, the furthest behind "
+        "first, and is refused if there is none; 0: the quietest makes room "
+        f"[ECHO_MIN_RATE, default {Config.min_rate}]",
     )
     add(
         "--ready-file",
@@ -352,6 +364,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             output_budget=get("output_budget", integer, Config.output_budget),
             turn_messages=get("turn_messages", integer, Config.turn_messages),
             linger=get("linger", seconds, Config.linger),
+            min_rate=get("min_rate", integer, Config.min_rate),
         )
     except ConfigError as error:
         raise ConfigError(_name_source(str(error), raw)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import time
 from abc import abstractmethod
 from collections.abc import Callable
 from functools import partial
@@ -67,4 +68,4 @@ class PoolServer(Server):
 
     def make_room(self) -> None:
         if self.ready is not None:
-            self.ready.evict_quietest()
+            self.ready.make_room(time.monotonic())

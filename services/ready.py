@@ -21,8 +21,12 @@ The loop also enforces what used to need a worker's blocking socket:
   cannot fill the memory, and is not made to churn either: closing slow readers to
   make room let an attacker that reconnects at once cost the server a connection's
   setup a millisecond (the containers fell behind at half a CPU);
-- the connection cap: at it, the connection quiet longest is evicted for the
-  newcomer, never one in a worker or with an echo in flight.
+- the connection cap: at it, a newcomer takes the place of a waiting connection that
+  is behind the minimum rate (it has sent fewer than `--min-rate` bytes a second over
+  its life), the furthest behind first; if every connection keeps to the rate, the
+  newcomer is refused. Never one in a worker or with an echo in flight. So an
+  attacker who holds the cap with connections that are merely fresh cannot push out
+  the clients already served (docs/design.md).
 """
 
 from __future__ import annotations
@@ -34,14 +38,14 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING
 
 from services.concurrency import SharedCounter
+from services.connection import Connection, over_budget, worth_until
+from services.deadlines import Deadlines
 from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn, set_kernel_timeout
 from services.logs import quietly
-from services.send_clock import SendClock
 from services.stats import persist
 
 if TYPE_CHECKING:
@@ -56,40 +60,6 @@ _HANDBACKS_PER_WAKE = 4096  # so a flood of hand-backs cannot starve accept and 
 # that take nothing, and watched again at once (or after 50 ms) 2,000 such writers kept
 # a worker and the loop spinning through tens of thousands of empty turns.
 WRITABLE_REST = 0.5
-
-
-class Connection:
-    """A connection's state between turns; lives as long as the connection."""
-
-    __slots__ = (
-        "clock", "last_active", "ready_at", "rests_until", "sock", "stalled_since", "unsent",
-        "woke_writable",
-    )  # fmt: skip
-
-    def __init__(self, sock: socket.socket, now: float) -> None:
-        self.sock = sock
-        self.last_active = now  # the last byte from the client (the idle clock)
-        self.unsent = b""  # echo the client has not taken yet
-        self.stalled_since = now  # the last progress sending `unsent`
-        self.ready_at = now  # when the loop handed it to the pool
-        self.woke_writable = False  # this turn began because the client took some echo
-        self.rests_until = 0.0  # writing but not watched until then (WRITABLE_REST)
-        self.clock = 0  # its live entry in the send clock while writing; 0 otherwise
-
-
-def over_budget(writers: Iterable[Connection], pending: int, budget: int) -> list[Connection]:
-    """The writers to close to bring `pending` bytes of unsent echoes within `budget`: the
-    longest stalled first (`writers` is in stall order), and only those that hold an echo;
-    one whose echo waits in the kernel (held back, see `serve_turn`) costs the budget
-    nothing, and closing it would free nothing."""
-    closing = []
-    for conn in writers:
-        if pending <= budget:
-            break
-        if conn.unsent:
-            closing.append(conn)
-            pending -= len(conn.unsent)
-    return closing
 
 
 def _won(claim: list[Connection]) -> bool:
@@ -112,7 +82,9 @@ class ReadyDispatch:
         # (or stalled) longest. Only the loop's thread touches these.
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
         self._writing: dict[Connection, None] = {}  # their stall order: `_send_clock`
-        self._send_clock: SendClock[Connection] = SendClock()
+        self._send_clock: Deadlines[Connection] = Deadlines()  # writers, by stalled_since
+        # Waiting connections by when they stop being worth their place (`make_room`).
+        self._worth: Deadlines[Connection] = Deadlines()
         self._handbacks: deque[tuple[Connection, str]] = deque()  # from workers
         self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
@@ -145,7 +117,9 @@ class ReadyDispatch:
         parked[conn] = None
         try:
             if parked is self._writing:
-                self._send_clock.add(conn, len(self._writing))
+                self._send_clock.add(conn, conn.stalled_since)
+            elif self._config.min_rate:
+                self._worth.add(conn, self._worth_until(conn))
             if interest == "rest":
                 conn.rests_until = time.monotonic() + WRITABLE_REST
                 self._resting.append(conn)
@@ -155,7 +129,12 @@ class ReadyDispatch:
             del parked[conn]
             conn.rests_until = 0.0
             self._send_clock.remove(conn)
+            self._worth.remove(conn)
             raise
+
+    def _worth_until(self, conn: Connection) -> float:
+        config = self._config
+        return worth_until(conn.admitted, conn.received, config.min_rate)
 
     def _watch(self, conn: Connection, interest: str) -> None:
         event = selectors.EVENT_READ if interest == "read" else selectors.EVENT_WRITE
@@ -169,6 +148,7 @@ class ReadyDispatch:
             self._selector.unregister(conn.sock)
         if conn in self._waiting:
             del self._waiting[conn]
+            self._worth.remove(conn)
             return True
         del self._writing[conn]
         self._send_clock.remove(conn)
@@ -229,7 +209,7 @@ class ReadyDispatch:
             self._server.wake()  # more than one wake's worth: come back after the rest
         pending, budget = self._stats.pending_output.value, self._config.output_budget
         if pending > budget:
-            for conn in over_budget(self._send_clock.by_stall(), pending, budget):
+            for conn in over_budget(self._send_clock.in_order(), pending, budget):
                 self._close_parked(conn, "slow_reader")
 
     def next_deadline(self, now: float) -> float:
@@ -238,7 +218,7 @@ class ReadyDispatch:
             deadlines.append(next(iter(self._waiting)).last_active + self._config.idle_timeout)
         stalled = self._send_clock.first()
         if self._config.send_timeout is not None and stalled is not None:
-            deadlines.append(stalled.stalled_since + self._config.send_timeout)
+            deadlines.append(stalled[0] + self._config.send_timeout)
         if self._resting:
             deadlines.append(self._resting[0].rests_until)  # 0 when stale: cleared at once
         return min(deadlines)
@@ -266,16 +246,22 @@ class ReadyDispatch:
                 self._close_parked(conn, "idle")
         if send is not None:
             while (stalled := self._send_clock.first()) is not None:
-                if now - stalled.stalled_since < send:
+                if now - stalled[0] < send:
                     break
-                self._close_parked(stalled, "slow_reader")
+                self._close_parked(stalled[1], "slow_reader")
 
-    def evict_quietest(self) -> bool:
-        """At the cap: close the connection that has waited longest for bytes, so that a
-        newcomer gets its place. Never one in a worker or with an echo in flight."""
-        if not self._waiting:
+    def make_room(self, now: float) -> bool:
+        """At the cap: close a waiting connection for a newcomer, if one is behind the
+        minimum rate (see the module's docstring); with no minimum rate, the quietest.
+        Never one in a worker or with an echo in flight. False: refuse the newcomer."""
+        if not self._config.min_rate:
+            victim = next(iter(self._waiting), None)
+        else:
+            behind = self._worth.first()
+            victim = behind[1] if behind is not None and behind[0] <= now else None
+        if victim is None:
             return False
-        self._close_parked(next(iter(self._waiting)), "evicted")
+        self._close_parked(victim, "evicted")
         return True
 
     def close_all(self, reason: str) -> None:
@@ -358,6 +344,7 @@ class ReadyDispatch:
         now = time.monotonic()
         if turn.received:
             conn.last_active = now
+            conn.received += turn.received
         if turn.sent or outcome != "write" or not conn.woke_writable:
             conn.stalled_since = now
         if len(conn.unsent) != pending_before:

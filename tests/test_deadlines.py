@@ -1,5 +1,6 @@
-"""The send timeout runs from a writer's last progress, whatever order writers were parked
-in, and starts when a connection first has an echo it cannot send."""
+"""Deadlines in their own order: the send timeout runs from a writer's last progress,
+whatever order writers were parked in, and starts when a connection first has an echo it
+cannot send."""
 
 from __future__ import annotations
 
@@ -8,47 +9,37 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 import services.base
 import services.ready
-from services.send_clock import SendClock
+from services.deadlines import Deadlines
 from support import BOUNDED, EVENTUALLY, held_open, running, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@dataclass(eq=False)
-class Writer:
-    stalled_since: float
-    clock: int = 0
-
-
-def test_the_clock_gives_writers_in_stall_order_not_in_the_order_they_came() -> None:
-    clock: SendClock[Writer] = SendClock()
-    fresh, old, older = Writer(30.0), Writer(20.0), Writer(10.0)
-    for writer in (fresh, old, older):  # a rested writer comes back with its old stall
-        clock.add(writer, 3)
-    assert clock.first() is older
-    assert list(clock.by_stall()) == [older, old, fresh]
-    clock.remove(older)
-    assert clock.first() is old and list(clock.by_stall()) == [old, fresh]
-    clock.remove(old)
-    clock.add(old, 2)  # parked again, same stall: one entry counts, not two
-    assert list(clock.by_stall()) == [old, fresh]
+def test_items_come_in_the_order_of_their_times_not_the_order_they_came() -> None:
+    deadlines: Deadlines[str] = Deadlines()
+    for item, when in (("fresh", 30.0), ("old", 20.0), ("older", 10.0)):
+        deadlines.add(item, when)  # a rested writer comes back with its old stall
+    assert deadlines.first() == (10.0, "older")
+    assert list(deadlines.in_order()) == ["older", "old", "fresh"]
+    deadlines.remove("older")
+    assert deadlines.first() == (20.0, "old") and list(deadlines.in_order()) == ["old", "fresh"]
+    deadlines.add("old", 40.0)  # added again: the new time counts, the old entry is dead
+    assert list(deadlines.in_order()) == ["fresh", "old"] and len(deadlines) == 2
 
 
 def test_dead_entries_do_not_pile_up() -> None:
-    clock: SendClock[Writer] = SendClock()
-    writer = Writer(1.0)
-    for _ in range(10_000):  # a writer woken and parked again, over and over
-        clock.remove(writer)
-        clock.add(writer, 1)
-    assert len(clock._heap) <= 2 + 64 + 1
-    assert list(clock.by_stall()) == [writer]
+    deadlines: Deadlines[str] = Deadlines()
+    for n in range(10_000):  # a writer woken and parked again, over and over
+        deadlines.remove("writer")
+        deadlines.add("writer", float(n))
+    assert len(deadlines._heap) <= 2 + 64 + 1
+    assert list(deadlines.in_order()) == ["writer"]
 
 
 class ScriptedTurns:

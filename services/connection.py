@@ -1,0 +1,53 @@
+"""A parked connection's state between turns (`ready` dispatch), and the two decisions
+made about it: which writers to close over the output budget, and from when a newcomer
+at the cap may take its place."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+
+class Connection:
+    """A connection's state between turns; lives as long as the connection."""
+
+    __slots__ = (
+        "admitted", "last_active", "ready_at", "received", "rests_until", "sock",
+        "stalled_since", "unsent", "woke_writable",
+    )  # fmt: skip
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.last_active = now  # the last byte from the client (the idle clock)
+        self.unsent = b""  # echo the client has not taken yet
+        self.stalled_since = now  # the last progress sending `unsent`
+        self.ready_at = now  # when the loop handed it to the pool
+        self.woke_writable = False  # this turn began because the client took some echo
+        self.rests_until = 0.0  # writing but not watched until then (WRITABLE_REST)
+        self.admitted = now
+        self.received = 0  # bytes over its life: what it is worth at the cap
+
+
+def over_budget(writers: Iterable[Connection], pending: int, budget: int) -> list[Connection]:
+    """The writers to close to bring `pending` bytes of unsent echoes within `budget`: the
+    longest stalled first (`writers` is in stall order), and only those that hold an echo;
+    one whose echo waits in the kernel (held back, see `serve_turn`) costs the budget
+    nothing, and closing it would free nothing."""
+    closing = []
+    for conn in writers:
+        if pending <= budget:
+            break
+        if conn.unsent:
+            closing.append(conn)
+            pending -= len(conn.unsent)
+    return closing
+
+
+def worth_until(admitted: float, received: int, min_rate: int) -> float:
+    """When a connection admitted at `admitted` that has sent `received` bytes falls
+    behind `min_rate` bytes a second over its life: from then on a newcomer at the cap
+    may take its place, the furthest behind (the earliest) first. Each byte moves it
+    1/min_rate seconds later, so a client that keeps to the rate never reaches it, and
+    of those that do not, the newest go last (an honest newcomer has had the least
+    time to send)."""
+    return admitted + received / min_rate
