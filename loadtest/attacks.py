@@ -25,8 +25,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-SCENARIOS = ("idle", "slowloris", "slow-reader", "churn", "metrics-slowloris")
-TRICKLED = ("slowloris", "metrics-slowloris")  # scenarios that send a byte now and then
+SCENARIOS = ("idle", "slowloris", "slow-reader", "churn", "metrics-slowloris", "cap-steer")
+TRICKLED = ("slowloris", "metrics-slowloris", "cap-steer")  # send a byte now and then
+# cap-steer: a byte on every connection this often, fresher than an established client
+# pausing between messages (3 s by default), so a cap that evicts the quietest evicts it.
+STEER_INTERVAL = 1.0
 CONNECT_TIMEOUT = 5.0  # a handshake not done by then counts as refused
 _LATENCIES_KEPT = 20_000  # connect latencies kept for the percentiles (the latest)
 # metrics-slowloris: a request line that looks real, then one header whose value grows
@@ -75,6 +78,13 @@ class AttackPlan:
             raise AttackRefused(f"duration: more than 0, at most {MAX_DURATION:g} s")
         if self.rate <= 0 or self.trickle_interval <= 0 or self.churn_in_flight < 1:
             raise AttackRefused("rate, trickle interval and churn in-flight must be positive")
+
+    @property
+    def touch_interval(self) -> float:
+        """Seconds between the bytes a trickled connection sends."""
+        if self.scenario == "cap-steer":
+            return min(self.trickle_interval, STEER_INTERVAL)
+        return self.trickle_interval
 
     @property
     def target_count(self) -> int:
@@ -228,7 +238,7 @@ class Attack(threading.Thread):
         if self.plan.scenario == "metrics-slowloris":
             self._send(sock, _HTTP_START)
         if self.plan.scenario in TRICKLED:
-            self._trickle.append((time.monotonic() + self.plan.trickle_interval, sock))
+            self._trickle.append((time.monotonic() + self.plan.touch_interval, sock))
 
     # -- serving the sockets ------------------------------------------------------------
 
@@ -273,7 +283,7 @@ class Attack(threading.Thread):
             if sock not in self._open:
                 continue
             if self._send(sock, b"a"):
-                self._trickle.append((now + self.plan.trickle_interval, sock))
+                self._trickle.append((now + self.plan.touch_interval, sock))
 
     def _lost(self, sock: socket.socket) -> None:
         """The server closed or reset this connection; `_open_more` replaces it."""

@@ -40,7 +40,8 @@ LOOPBACK = "127.0.0.1"
 def format_flood_table(runs: Sequence[FloodRun]) -> str:
     header = (
         f"{'scenario':<18}{'server':<10}{'verdict':<10}{'threads':>13}{'RSS MiB':>15}"
-        f"{'probe ok':>10}{'probe p99':>11}{'back in':>9}{'replaced':>10}  turned away / cut off"
+        f"{'probe ok':>10}{'probe p99':>11}{'estab ok':>10}{'cut':>5}{'back in':>9}"
+        f"{'replaced':>10}  turned away / cut off"
     )
     lines = [header, "-" * (len(header) + 10)]
     for run in runs:
@@ -57,7 +58,9 @@ def format_flood_table(runs: Sequence[FloodRun]) -> str:
             f"{run.scenario:<18}{run.target:<10}{s.verdict:<10}"
             f"{s.baseline_threads:>6.0f} ->{s.peak_threads:>5.0f}"
             f"{s.baseline_rss_mb:>7.1f} ->{s.peak_rss_mb:>5.1f}"
-            f"{s.probe_success:>10.1%}{s.probe_p99_ms:>9.1f}ms{back:>9}{run.counts.replaced:>10}"
+            f"{s.probe_success:>10.1%}{s.probe_p99_ms:>9.1f}ms"
+            f"{s.established_success:>10.1%}{s.established_cuts:>5}{back:>9}"
+            f"{run.counts.replaced:>10}"
             f"  {cut_text}"
         )
     return "\n".join(lines)
@@ -130,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="slowloris: seconds between bytes on a connection [%(default)s]",
     )
     add(
+        "--established",
+        type=int,
+        default=RunSettings.established,
+        help="legitimate clients that keep their connections, judged beside the newcomer "
+        "probe [%(default)s]",
+    )
+    add(
+        "--think",
+        type=float,
+        default=RunSettings.think,
+        help="seconds between an established client's messages; keep it under half the "
+        "server's idle timeout [%(default)s]",
+    )
+    add(
         "--polite",
         action="store_true",
         help="never replace a connection the server drops (real attack tools do replace them)",
@@ -197,6 +214,8 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
         settle=args.settle,
         trickle_interval=args.trickle_interval,
         polite=args.polite,
+        established=args.established,
+        think=args.think,
         limits=Limits(max_rss_growth_bytes=args.max_rss_growth_mb * 2**20),
     )
     settings.check()

@@ -13,7 +13,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loadtest.attacks import Attack, AttackCounts, AttackPlan, AttackRefused
-from loadtest.observe import Probe, ProbeResult, Sample, Sampler, echo_check, scrape_check
+from loadtest.observe import (
+    Established,
+    Exchange,
+    Probe,
+    ProbeResult,
+    Sample,
+    Sampler,
+    echo_check,
+    scrape_check,
+)
 from loadtest.verdict import DEFAULT_SETTLE, Limits, Summary, Timeline, judge_flood, recovered
 
 
@@ -23,6 +32,10 @@ class Target:
     address: tuple[str, int]
     metrics: tuple[str, int]
     container: bool = False  # the addresses are its container's own (loadtest.containers)
+
+
+MAX_ESTABLISHED = 64
+MAX_THINK = 30.0
 
 
 @dataclass(frozen=True)
@@ -37,14 +50,21 @@ class RunSettings:
     settle: float = DEFAULT_SETTLE
     trickle_interval: float = 2.0
     polite: bool = False
+    established: int = 4  # legitimate clients that keep their connections
+    think: float = 3.0  # seconds between an established client's messages
     limits: Limits = field(default_factory=Limits)
 
-    def plan(self, scenario: str, target: Target) -> AttackPlan:
-        """The attack on `target`: its metrics port for metrics-slowloris, else its echo port."""
+    def plan(self, scenario: str, target: Target, capacity: float = -1) -> AttackPlan:
+        """The attack on `target`: its metrics port for metrics-slowloris, else its echo
+        port. cap-steer holds more than the target's `capacity` (its connection cap, -1
+        for none) so that it sits at the cap throughout: a tenth more, at least 20."""
+        connections = self.connections
+        if scenario == "cap-steer" and capacity > 0:
+            connections = max(connections, int(capacity) + max(int(capacity) // 10, 20))
         return AttackPlan(
             scenario=scenario,
             address=target.metrics if scenario == "metrics-slowloris" else target.address,
-            connections=self.connections,
+            connections=connections,
             rate=self.rate,
             duration=self.duration,
             trickle_interval=self.trickle_interval,
@@ -62,6 +82,10 @@ class RunSettings:
             raise AttackRefused(
                 f"recovery: watch at least {self.limits.recovery_deadline:g} s after the attack"
             )
+        if not 0 <= self.established <= MAX_ESTABLISHED:
+            raise AttackRefused(f"established: 0 to {MAX_ESTABLISHED} clients")
+        if not 0 < self.think <= MAX_THINK:
+            raise AttackRefused(f"think: more than 0, at most {MAX_THINK:g} s")
 
 
 @dataclass(frozen=True)
@@ -75,6 +99,7 @@ class FloodRun:
     summary: Summary
     samples: list[Sample]
     probes: list[ProbeResult]
+    established: list[Exchange] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,6 +112,7 @@ class FloodRun:
             "summary": asdict(self.summary),
             "samples": [asdict(s) for s in self.samples],
             "probes": [asdict(p) for p in self.probes],
+            "established": [asdict(e) for e in self.established],
         }
 
 
@@ -118,14 +144,16 @@ def flood(
 ) -> FloodRun:
     """Run one scenario against one target and judge it. Blocks for the whole run."""
     settings.check()
-    plan = settings.plan(scenario, target)
-    ensure_descriptors(plan.target_count)
     origin = time.monotonic()
     sampler = Sampler(target.metrics, origin)
+    plan = settings.plan(scenario, target, sampler.scrape_once().values.get("capacity", -1))
+    ensure_descriptors(plan.target_count)
     probe = probe_for(scenario, target, origin)
+    established = Established(target.address, origin, settings.established, settings.think)
     attack = Attack(plan)
     sampler.start()
     probe.start()
+    established.start()
     watch = _Watch(origin, target, scenario, attack, probe, sampler, progress)
     try:
         watch.wait(settings.baseline)
@@ -138,13 +166,14 @@ def flood(
     finally:
         attack.stop()
         probe.stop()
+        established.stop()
         sampler.stop()
-        for thread in (attack, probe, sampler):
+        for thread in (attack, probe, established, sampler):
             if thread.is_alive():
                 thread.join(30)
     timeline = Timeline(attack_start, attack_end, time.monotonic() - origin, settings.settle)
-    samples, probes = sampler.samples(), probe.results()
-    summary = judge_flood(samples, probes, timeline, settings.limits)
+    samples, probes, exchanges = sampler.samples(), probe.results(), established.results()
+    summary = judge_flood(samples, probes, timeline, settings.limits, exchanges)
     return FloodRun(
         target.name,
         scenario,
@@ -155,6 +184,7 @@ def flood(
         summary,
         samples,
         probes,
+        exchanges,
     )
 
 

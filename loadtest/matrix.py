@@ -26,6 +26,7 @@ COLUMNS = (
     "verdict",
     "probe ok",
     "probe p99",
+    "established ok",
     "threads",
     "RSS MiB",
     "attack peak",
@@ -46,6 +47,9 @@ def matrix_row(run: FloodRun, where: str) -> dict[str, Any]:
         "probe_success": s.probe_success,
         "probes_judged": s.probes_judged,
         "probe_p99_ms": s.probe_p99_ms,
+        "established_success": s.established_success,
+        "established_judged": s.established_judged,
+        "established_cuts": s.established_cuts,
         "threads": [s.baseline_threads, s.peak_threads],
         "rss_mb": [s.baseline_rss_mb, s.peak_rss_mb],
         "peak_open": run.counts.peak_open,
@@ -73,6 +77,7 @@ def format_tables(rows: Sequence[dict[str, Any]]) -> str:
                 f"**{r['verdict']}**" if r["verdict"] == "held" else r["verdict"],
                 f"{r['probe_success']:.0%} of {r['probes_judged']}",
                 f"{r['probe_p99_ms']:.0f} ms",
+                established_cell(r),
                 f"{r['threads'][0]:.0f} -> {r['threads'][1]:.0f}",
                 f"+{r['rss_mb'][1] - r['rss_mb'][0]:.1f}",
                 f"{r['peak_open']:,}",
@@ -81,6 +86,17 @@ def format_tables(rows: Sequence[dict[str, Any]]) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def established_cell(row: dict[str, Any]) -> str:
+    """The established clients' share served and their cuts (rows recorded before they
+    existed show a dash)."""
+    if "established_judged" not in row:
+        return "-"
+    return (
+        f"{row['established_success']:.0%} of {row['established_judged']}, "
+        f"{row['established_cuts']} cut"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

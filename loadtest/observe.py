@@ -1,9 +1,12 @@
-"""What the flood tool watches: an availability probe and a metrics sampler, each on its own thread.
+"""What the flood tool watches: legitimate clients and a metrics sampler, each on its own thread.
 
-The probe is a legitimate client: a fresh connection every round and one echo
-round trip with a timeout, through the Cookbook's `LazyConnection` in its
-`with` form. The sampler scrapes the target's /metrics. Neither ever raises:
-a target that vanishes is recorded as failures, not crashed on.
+Two kinds of legitimate client, because a server can serve one and cut the other:
+- the probe, a newcomer: a fresh connection every round and one echo round trip
+  with a timeout, through the Cookbook's `LazyConnection` in its `with` form;
+- established clients: a few that keep their connections (a pool, a chat) and
+  send a message every `think` seconds, reconnecting when cut.
+The sampler scrapes the target's /metrics. None ever raises: a target that
+vanishes is recorded as failures, not crashed on.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.echo_client import EchoFailure, classify, exchange
+from loadtest.echo_client import EchoClient, EchoFailure, classify, exchange
 from loadtest.lazy import LazyConnection
 from services.metrics import scrape
 
@@ -27,6 +31,94 @@ class ProbeResult:
     ok: bool
     seconds: float
     failure: str = ""
+
+
+Record = TypeVar("Record")
+
+
+class Recorder(threading.Thread, Generic[Record]):
+    """A daemon thread that records what it observes until `stop()`; `results()` is a
+    copy, safe to take while it runs."""
+
+    def __init__(self, name: str, origin: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self._origin = origin  # monotonic: what `at` counts from
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._results: list[Record] = []
+
+    def results(self) -> list[Record]:
+        with self._lock:
+            return list(self._results)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def _record(self, result: Record) -> None:
+        with self._lock:
+            self._results.append(result)
+
+
+@dataclass(frozen=True)
+class Exchange(ProbeResult):
+    """One established client's message: `cut` when the server had closed or reset the
+    connection the client kept (the client then reconnects for its next message)."""
+
+    client: int = 0
+    cut: bool = False
+
+
+ESTABLISHED_MESSAGE = 1024  # bytes per message
+
+
+class Established(Recorder[Exchange]):
+    """`clients` legitimate clients that keep their connections, each sending
+    `ESTABLISHED_MESSAGE` bytes every `think` seconds (staggered) and checking the echo."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        origin: float,
+        clients: int = 4,
+        think: float = 3.0,
+        timeout: float = 2.0,
+    ) -> None:
+        super().__init__("established", origin)
+        self._clients = [EchoClient(address, timeout, seed=n) for n in range(clients)]
+        self._think = think
+
+    def run(self) -> None:
+        count = len(self._clients)
+        start = time.monotonic()
+        due = [start + self._think * n / count for n in range(count)] if count else []
+        try:
+            while count and not self._stop_event.is_set():
+                n = min(range(count), key=due.__getitem__)
+                if self._stop_event.wait(max(0.0, due[n] - time.monotonic())):
+                    break
+                self._send(n)
+                due[n] = max(due[n] + self._think, time.monotonic())
+        finally:
+            for client in self._clients:
+                client.close()
+
+    def _send(self, n: int) -> None:
+        client = self._clients[n]
+        kept = client.connection.connected  # a connection from an earlier message
+        started = time.monotonic()
+        results = client.echo(ESTABLISHED_MESSAGE)
+        failure = next((r.failure for r in results if r.failure is not None), None)
+        kind = failure.kind if failure else ""
+        self._record(
+            Exchange(
+                at=started - self._origin,
+                ok=failure is None,
+                seconds=time.monotonic() - started,
+                failure=kind,
+                client=n,
+                cut=kept and kind in ("closed", "reset"),
+            )
+        )
 
 
 def echo_check(address: tuple[str, int], timeout: float = 2.0) -> Callable[[int], None]:
@@ -49,24 +141,13 @@ def scrape_check(metrics: tuple[str, int], timeout: float = 2.0) -> Callable[[in
     return check
 
 
-class Probe(threading.Thread):
+class Probe(Recorder[ProbeResult]):
     """Runs `check` every `interval` seconds and records whether it raised."""
 
     def __init__(self, check: Callable[[int], None], origin: float, interval: float = 0.2) -> None:
-        super().__init__(name="probe", daemon=True)
+        super().__init__("probe", origin)
         self._check = check
-        self._origin = origin
         self._interval = interval
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._results: list[ProbeResult] = []
-
-    def results(self) -> list[ProbeResult]:
-        with self._lock:
-            return list(self._results)
-
-    def stop(self) -> None:
-        self._stop_event.set()
 
     def run(self) -> None:
         sequence = 0
@@ -86,8 +167,7 @@ class Probe(threading.Thread):
                 seconds=time.monotonic() - started,
                 failure=failure,
             )
-            with self._lock:
-                self._results.append(result)
+            self._record(result)
             self._stop_event.wait(max(0.0, self._interval - result.seconds))
 
 
@@ -97,6 +177,7 @@ _WANTED = {
     "rss_bytes": "process_resident_memory_bytes",
     "open_fds": "process_open_fds",
     "active": "echo_connections_active",
+    "capacity": "echo_connection_capacity",
     "queue_depth": "echo_queue_depth",
     "workers_busy": "echo_workers_busy",
     "accepted": "echo_connections_accepted_total",
@@ -140,26 +221,18 @@ def parse_metrics(
     return values, rejected, closed, info
 
 
-class Sampler(threading.Thread):
+class Sampler(Recorder[Sample]):
     def __init__(
         self, metrics: tuple[str, int], origin: float, interval: float = 0.5, timeout: float = 2.0
     ) -> None:
-        super().__init__(name="sampler", daemon=True)
+        super().__init__("sampler", origin)
         host, port = metrics
         self._url = f"http://{host}:{port}/metrics"
-        self._origin = origin
         self._interval = interval
         self._timeout = timeout
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._samples: list[Sample] = []
 
     def samples(self) -> list[Sample]:
-        with self._lock:
-            return list(self._samples)
-
-    def stop(self) -> None:
-        self._stop_event.set()
+        return self.results()
 
     def scrape_once(self) -> Sample:
         at = time.monotonic() - self._origin
@@ -174,7 +247,5 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             started = time.monotonic()
-            sample = self.scrape_once()
-            with self._lock:
-                self._samples.append(sample)
+            self._record(self.scrape_once())
             self._stop_event.wait(max(0.0, self._interval - (time.monotonic() - started)))

@@ -4,9 +4,12 @@ The probe is judged *under attack*: from a short, fixed settle time after the
 attack starts until it ends. The window never waits for the server's own
 timeouts, so a server whose defence takes 60 s to act is judged on those 60 s.
 
-- `held`: the process stayed up, threads and memory stayed bounded, the probe
-  succeeded at least 99% of the time in the window, and it succeeded again
-  within `recovery_deadline` seconds of the attack's end.
+- `held`: the process stayed up, threads and memory stayed bounded, both kinds of
+  legitimate client were served: the probe (a newcomer each time) at least 99% of
+  the time in the window, and the established clients (connections kept, a message
+  every few seconds) in at least 99% of their exchanges in the window with none of
+  their connections cut by the server during the attack; and the probe succeeded
+  again within `recovery_deadline` seconds of the attack's end.
 - `degraded`: up, but unbounded, refusing legitimate clients, or slow to recover.
 - `down`: it died or restarted, its metrics stopped answering for more than
   `max_metrics_silence` seconds, or the probe was still failing at the end.
@@ -16,9 +19,10 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loadtest.observe import ProbeResult, Sample
+from loadtest.observe import Exchange, ProbeResult, Sample
 
 VERDICTS = ("held", "degraded", "down")
 DEFAULT_SETTLE = 5.0
@@ -73,6 +77,11 @@ class Summary:
     closed: dict[str, float]
     thread_start_failures: float
     listen_overflows: float  # handshakes the kernel dropped, its accept queue full
+    # The established clients: their exchanges in the judged window, how many were
+    # served, and their connections the server cut during the attack.
+    established_judged: int = 0
+    established_success: float = 0.0
+    established_cuts: int = 0
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -143,6 +152,37 @@ def reasons_down(
     return reasons
 
 
+def established_view(
+    exchanges: Sequence[Exchange], timeline: Timeline
+) -> tuple[list[Exchange], list[Exchange]]:
+    """The established clients' exchanges judged (in the window) and their cuts (from the
+    attack's start: a cut shows at the client's next message, up to a pause later)."""
+    start, end = timeline.window
+    judged = [e for e in exchanges if start <= e.at <= end]
+    cuts = [e for e in exchanges if e.cut and e.at >= timeline.attack_start]
+    return judged, cuts
+
+
+def reasons_established(
+    exchanges: Sequence[Exchange], timeline: Timeline, limits: Limits
+) -> list[str]:
+    """Why the established clients were not served; none when there were none."""
+    if not exchanges:
+        return []
+    judged, cuts = established_view(exchanges, timeline)
+    reasons = []
+    if not judged:
+        reasons.append("no established client's exchange fell in the judged window")
+    elif (success := sum(e.ok for e in judged) / len(judged)) < limits.min_probe_success:
+        reasons.append(
+            f"established clients were served in {success:.1%} of their exchanges under "
+            f"attack (needs {limits.min_probe_success:.0%})"
+        )
+    if cuts:
+        reasons.append(f"the server cut established clients' connections {len(cuts)} time(s)")
+    return reasons
+
+
 def reasons_degraded(
     samples: list[Sample], probes: list[ProbeResult], timeline: Timeline, limits: Limits
 ) -> list[str]:
@@ -185,10 +225,16 @@ def reasons_degraded(
 
 
 def judge_flood(
-    samples: list[Sample], probes: list[ProbeResult], timeline: Timeline, limits: Limits
+    samples: list[Sample],
+    probes: list[ProbeResult],
+    timeline: Timeline,
+    limits: Limits,
+    established: Sequence[Exchange] = (),
 ) -> Summary:
     down = reasons_down(samples, probes, timeline, limits)
     degraded = reasons_degraded(samples, probes, timeline, limits)
+    degraded += reasons_established(established, timeline, limits)
+    judged_established, cuts = established_view(established, timeline)
     verdict = "down" if down else "degraded" if degraded else "held"
     start, end = timeline.window
     judged = [p for p in probes if start <= p.at <= end]
@@ -215,6 +261,13 @@ def judge_flood(
         closed=_growth(good, "closed"),
         thread_start_failures=_value_growth(good, "thread_start_failures"),
         listen_overflows=_value_growth(good, "listen_overflows"),
+        established_judged=len(judged_established),
+        established_success=(
+            sum(e.ok for e in judged_established) / len(judged_established)
+            if judged_established
+            else 0.0
+        ),
+        established_cuts=len(cuts),
     )
 
 

@@ -17,7 +17,8 @@ import pytest
 import loadtest.flood
 from loadtest.attacks import Attack, AttackPlan, AttackRefused
 from loadtest.floodrun import RunSettings
-from support import ROOT
+from loadtest.observe import Established
+from support import EVENTUALLY, ROOT, running, wait_until
 
 CONNECTIONS = 20
 RATE = 200.0
@@ -197,3 +198,27 @@ def test_flood_cli_refuses_what_it_must_not_do(args: list[str], message: str) ->
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(("think", "cuts"), [(1.5, True), (0.3, False)])
+def test_established_clients_tell_a_cut_from_a_served_message(think: float, cuts: bool) -> None:
+    # The server closes a connection after 1 s without a byte: a client that pauses
+    # 1.5 s finds its kept connection cut at every other message (it reconnects for the
+    # next); one that pauses 0.3 s is never cut.
+    with running("queue", idle_timeout=1.0) as server:
+        established = Established(server.address, time.monotonic(), clients=2, think=think)
+        established.start()
+        try:
+            wait_until(lambda: len(established.results()) >= 8, what="eight messages")
+        finally:
+            established.stop()
+            established.join(EVENTUALLY)
+        for client in (0, 1):
+            mine = [e for e in established.results() if e.client == client]
+            if cuts:  # on a fresh connection, served; on the kept one, cut
+                assert [e.cut for e in mine] == [n % 2 == 1 for n in range(len(mine))], mine
+                assert all(e.ok != e.cut for e in mine)
+                assert {e.failure for e in mine if e.cut} <= {"closed", "reset"}
+            else:
+                assert all(e.ok and not e.cut for e in mine), mine
+        assert (server.stats.closed["idle"].value >= 2) == cuts

@@ -54,7 +54,10 @@ POOL_ARGS = (
 # Scenarios in which a ready pool cuts attackers (a timeout, the metrics endpoint's
 # deadline and client cap) or the attacker cuts itself (churn): a reconnecting attack
 # must have replaced connections there, or it did not keep its count.
-CUT = ("idle", "slow-reader", "churn", "metrics-slowloris")
+CUT = ("idle", "slow-reader", "churn", "metrics-slowloris", "cap-steer")
+# A cap above the floods' 1,000 connections: only cap-steer, which sizes itself past the
+# cap, reaches it.
+CAP = ("--max-connections", "1200")
 
 
 def settings(**overrides: float | bool) -> RunSettings:
@@ -66,6 +69,7 @@ def settings(**overrides: float | bool) -> RunSettings:
         "duration": 9.0,
         "baseline": 1.0,
         "settle": 3.0,
+        "think": 1.0,  # the established clients' pause: half the 2 s idle timeout
     }
     return RunSettings(**{**base, **overrides})  # type: ignore[arg-type]
 
@@ -113,12 +117,13 @@ def test_ready_dispatch_holds_every_reconnecting_flood_with_8_workers(
 ) -> None:
     """Waiting connections wait in the event loop, so the attack never holds a worker: the
     probe is served all through, with threads flat and memory bounded."""
-    with server_process(tmp_path, "--model", model, *POOL_ARGS) as server:
+    with server_process(tmp_path, "--model", model, *POOL_ARGS, *CAP) as server:
         run = flooder(target_of(server, model), scenario, settings(trickle_interval=1.0))
         summary = run.summary
         assert_landed(run, held=ready_holds(scenario, CONNECTIONS), cut=scenario in CUT)
         assert summary.verdict == "held", (summary.reasons, run.counts)
         assert summary.probe_success >= 0.99
+        assert summary.established_success >= 0.99 and summary.established_cuts == 0
         assert_bounded_and_serving(run, server)
         if scenario == "slow-reader":
             assert summary.closed.get("slow_reader", 0) >= 1, summary

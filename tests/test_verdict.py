@@ -12,7 +12,7 @@ import pytest
 import loadtest.breaking
 from loadtest.breaking import find_limit, step_settings
 from loadtest.floodrun import RunSettings, Target
-from loadtest.observe import ProbeResult, Sample
+from loadtest.observe import Exchange, ProbeResult, Sample
 from loadtest.verdict import Limits, Timeline, judge_flood
 
 ATTACK = Timeline(attack_start=2.0, attack_end=32.0, run_end=38.0)  # 30 s attack, settle 5 s
@@ -66,6 +66,55 @@ def test_a_server_that_answers_under_attack_and_recovers_is_held() -> None:
     assert summary.reasons == []
     assert summary.window == (7.0, 32.0)
     assert summary.recovered_after is not None and summary.recovered_after < 0.5
+
+
+def exchanges(
+    ok: Callable[[float], bool] = always,
+    cut: Callable[[float], bool] = lambda t: False,
+    timeline: Timeline = ATTACK,
+) -> list[Exchange]:
+    """Four established clients, a message each every 3 s, staggered, over the run."""
+    out = [
+        Exchange(at=at, ok=ok(at) and not cut(at), seconds=0.001, client=n, cut=cut(at))
+        for n in range(4)
+        for at in [n * 0.75 + 3 * k for k in range(int(timeline.run_end / 3) + 1)]
+        if at <= timeline.run_end
+    ]
+    return sorted(out, key=lambda e: e.at)
+
+
+def test_established_clients_served_throughout_are_held_and_counted() -> None:
+    summary = judge_flood(samples(), probes(always), ATTACK, Limits(), exchanges())
+    assert summary.verdict == "held", summary.reasons
+    assert summary.established_success == 1.0 and summary.established_cuts == 0
+    # The window (7-32 s) holds 8-9 messages of each of the four.
+    assert 32 <= summary.established_judged <= 36
+
+
+def test_one_cut_of_an_established_client_is_degraded_though_newcomers_are_served() -> None:
+    # What a cap that evicts the quietest does: every newcomer is served, and a client
+    # that keeps its connection and pauses between messages is cut.
+    summary = judge_flood(
+        samples(), probes(always), ATTACK, Limits(), exchanges(cut=lambda t: t == 9.0)
+    )
+    assert summary.verdict == "degraded"
+    assert summary.probe_success == 1.0 and summary.established_cuts == 1
+    assert "the server cut established clients' connections 1 time(s)" in summary.reasons
+
+
+def test_established_clients_refused_under_attack_are_degraded() -> None:
+    summary = judge_flood(
+        samples(), probes(always), ATTACK, Limits(), exchanges(ok=lambda t: not 10 <= t < 20)
+    )
+    assert summary.verdict == "degraded" and summary.established_cuts == 0
+    assert any(r.startswith("established clients were served in") for r in summary.reasons)
+
+
+def test_a_cut_before_the_attack_is_not_the_attacks() -> None:
+    summary = judge_flood(
+        samples(), probes(always), ATTACK, Limits(), exchanges(cut=lambda t: t == 0.75)
+    )
+    assert summary.verdict == "held" and summary.established_cuts == 0
 
 
 def test_a_server_whose_defence_acts_only_after_60_s_is_not_held() -> None:
