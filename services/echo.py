@@ -216,7 +216,7 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
     # The loop runs once per message, most of a worker's time when it lingers: what it
     # looks up is bound to locals, and it counts in locals (written to `turn` on the way
     # out).
-    recv_into, send = conn.recv_into, conn.send
+    recv_into, send, clock = conn.recv_into, conn.send, time.monotonic
     peek = _PEEK if hold_back else 0
     flags = peek | _DONTWAIT
     size = len(buffer)
@@ -254,7 +254,7 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
                     return "read", b""
                 wait = linger and free
                 if wait and publish is not None:
-                    now = time.monotonic()
+                    now = clock()
                     if not next_flush:
                         next_flush = now + FLUSH_INTERVAL
                     elif now >= next_flush:
