@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from services import preflight
+from services import budget, preflight
 from services.base import PortInUseError, Server
 from services.config import Config, ConfigError, one_line, parse_config
 from services.launcher import write_ready_file
@@ -157,6 +157,7 @@ def _install_signal_handlers(server: Server) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    budget.raise_soft_limit()  # first: the default cap follows the limit
     try:
         config = parse_config(argv)
         preflight.check(config)

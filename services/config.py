@@ -11,11 +11,11 @@ import ipaddress
 import logging
 import math
 import os
-import resource
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
+from services.budget import default_cap
 from services.models import MODELS, ModelSpec
 from services.watchdog import MIN_TIMEOUT as MIN_WATCHDOG_TIMEOUT
 
@@ -163,17 +163,6 @@ class Config:
         if not self.bounded:
             return None
         return self.max_connections if self.parks else self.workers + self.queue_size
-
-
-def default_cap(descriptors: int | None = None) -> int:
-    """10,000 connections, or fewer where the descriptor limit (`descriptors`, this
-    process's soft RLIMIT_NOFILE by default) is lower: a quarter of it, up to 100, is
-    kept for the listener, metrics, logs and the process's own files."""
-    if descriptors is None:
-        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if descriptors == resource.RLIM_INFINITY:
-        return 10_000
-    return max(1, min(10_000, descriptors - min(100, descriptors // 4)))
 
 
 def _check(ok: bool, flag: str, problem: str) -> None:

@@ -40,13 +40,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from services.accepting import accept_connection, listen_again, next_backoff, turn_until
 from services.base import PortInUseError
+from services.budget import METRICS_CLIENTS
 from services.logs import RateLimitedLog, quietly
 
 log = logging.getLogger("echo.metrics")
 
 REQUEST_DEADLINE = 5.0  # seconds from accept for the whole request
 MAX_REQUEST = 8192  # bytes of request line and headers
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = METRICS_CLIENTS  # counted in the descriptor budget
 LINGER_CLOSE = 2.0  # seconds a served client has to close its end before it is closed
 BODY_REUSE = 0.5  # seconds a rendered registry is served again
 _TICK = 0.5

@@ -4,8 +4,8 @@ What would otherwise end in a traceback at start-up, or in a crash-and-restart l
 under a supervisor, ends in one line and exit status 2: a thread stack the platform
 refuses (glibc on aarch64 wants at least 128 KiB) or cannot start a thread with, a
 ready file in a directory that is not there, a pool with more workers than the
-pid limit allows threads, or one that cannot hold a connection per worker within the
-descriptor limit.
+pid limit allows threads, or one whose connections, metrics clients and own files do
+not fit under the descriptor limit (services.budget).
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services import procfs
+from services.budget import METRICS_CLIENTS, OWN_DESCRIPTORS, RESERVED
 from services.config import Config, ConfigError
 
 # Besides the workers: main, metrics, watchdog and exit helper threads, and a healthcheck.
 RESERVED_TASKS = 8
-# Besides connections: stdio, the listener, the loop's selector and wake-up pair, the
-# metrics listener, selector and wake-up pair, the ready file, and a margin.
-RESERVED_DESCRIPTORS = 16
 
 
 @dataclass(frozen=True)
@@ -71,15 +69,25 @@ def check(
             f"--workers: {config.workers} workers need {needed} threads, over this "
             f"machine's limit of {limits.tasks} (the cgroup's pids.max or ulimit -u)"
         )
-    # With connection dispatch each worker holds a connection's descriptor.
-    held = config.workers if config.dispatch == "connection" else 1
-    needed = held + RESERVED_DESCRIPTORS
-    if limits.descriptors is not None and needed > limits.descriptors:
-        flag = "--workers" if held > 1 else "the descriptor limit"
-        raise ConfigError(
-            f"{flag}: needs at least {needed} file descriptors, over this process's "
-            f"limit of {limits.descriptors} (ulimit -n)"
-        )
+    _check_descriptors(config, limits.descriptors)
+
+
+def _check_descriptors(config: Config, limit: int | None) -> None:
+    """Every connection the pool admits (`capacity`), the metrics endpoint's clients and
+    the server's own files fit under the descriptor limit (services.budget)."""
+    connections = config.capacity or 0
+    needed = connections + RESERVED
+    if limit is None or needed <= limit:
+        return
+    if config.parks:
+        flag, what = "--max-connections", f"{connections} connections"
+    else:
+        flag, what = "--workers", f"{config.workers} workers and {config.queue_size} waiting"
+    raise ConfigError(
+        f"{flag}: {what} need {needed} file descriptors with the {METRICS_CLIENTS} metrics "
+        f"clients and {OWN_DESCRIPTORS} of the server's own, over this process's limit of "
+        f"{limit} (ulimit -n)"
+    )
 
 
 def _check_stack_size(

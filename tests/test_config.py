@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.config import Config, ConfigError, default_cap, parse_config
+from services.budget import default_cap
+from services.config import Config, ConfigError, parse_config
 from services.models import MODELS, ModelSpec
 
 
@@ -53,7 +54,7 @@ def test_the_model_default_markers_cannot_be_given(args: list[str], message: str
 
 
 @pytest.mark.parametrize(
-    ("descriptors", "cap"), [(64, 48), (1024, 924), (2000, 1900), (1 << 20, 10_000)]
+    ("descriptors", "cap"), [(64, 1), (300, 28), (1024, 752), (2000, 1728), (1 << 20, 10_000)]
 )
 def test_the_connection_cap_follows_the_descriptor_limit(descriptors: int, cap: int) -> None:
     assert default_cap(descriptors) == cap

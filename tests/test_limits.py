@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 import threading
 import time
@@ -13,9 +14,11 @@ import pytest
 
 from services import procfs
 from services.app import Service
+from services.budget import METRICS_CLIENTS, default_cap
 from services.launcher import UNDER_AS_LIMIT
 from services.models import MODELS
 from support import (
+    BOUNDED,
     EVENTUALLY,
     MODE_IDS,
     MODES,
@@ -46,13 +49,15 @@ sys.exit(main(sys.argv[3:]))
 def test_emfile_in_accept_neither_crashes_nor_spins_and_recovers(
     model: str, tmp_path: Path
 ) -> None:
-    # 64 descriptors: about 45 are left for connections once Python and metrics are up.
-    # (A cap above that, so that accept() itself runs out, in either dispatch mode.)
+    # Started within its descriptor budget, the limit is then cut to 64 under it (as a
+    # host's or a container's limit can be), so that accept() itself runs out: about 45
+    # descriptors are left for connections, in either dispatch mode.
     args: tuple[str, ...] = ("--model", model, "--workers", "8", "--queue-size", "200")
     args = (*args, "--backlog", "512")
     if "ready" in MODELS[model].dispatch_modes:
         args = (*args, "--max-connections", "1000")
-    with server_process(tmp_path, *args, code=LIMITED, code_args=("RLIMIT_NOFILE", "64")) as server:
+    with server_process(tmp_path, *args) as server:
+        resource.prlimit(server.process.pid, resource.RLIMIT_NOFILE, (64, 64))
         with open_connections(server.address, 150):
             # (No scrapes meanwhile: the metrics port is out of descriptors too.)
             wait_until(lambda: emfile_warnings(server) >= 1, what="EMFILE in accept")
@@ -70,6 +75,53 @@ def test_emfile_in_accept_neither_crashes_nor_spins_and_recovers(
     emfile = metric(scraped, "echo_accept_errors_total", errno="EMFILE")
     assert 1 <= emfile < 200, f"{emfile} EMFILE errors: the accept loop is not backing off"
     assert cpu < 0.5 * wall, f"{cpu:.2f} s of CPU in {wall:.1f} s of exhaustion: spinning"
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_metrics_clients_cannot_squeeze_the_echo_cap_out_of_descriptors(
+    model: str, tmp_path: Path
+) -> None:
+    # 400 descriptors: the default cap is what the metrics endpoint's 256 clients and the
+    # server's own files leave (128). The metrics port full of idle clients, the echo
+    # port at its cap and beyond: a newcomer still gets the place of the idle connection
+    # furthest behind. (When the metrics clients were left out of the budget, accept()
+    # failed with EMFILE and no one was evicted: newcomers got nothing.)
+    limit = 400
+    with (
+        server_process(
+            tmp_path, "--model", model, code=LIMITED, code_args=("RLIMIT_NOFILE", str(limit))
+        ) as server,
+        open_connections(server.metrics_address, METRICS_CLIENTS),
+    ):
+        cap = default_cap(limit)
+        with open_connections(server.address, cap + 20):
+            wait_until(lambda: is_served(server.address, timeout=2.0), what="a newcomer served")
+            scraped = scrape(server.metrics_address)
+    assert metric(scraped, "echo_connection_capacity") == cap
+    assert metric(scraped, "echo_accept_errors_total", errno="EMFILE") == 0
+    assert metric(scraped, "echo_connections_closed_total", reason="evicted") >= 20
+
+
+SOFT_LIMITED = """
+import resource, sys
+from services.app import main
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), resource.RLIM_INFINITY
+    if (hard := resource.getrlimit(resource.RLIMIT_NOFILE)[1]) == resource.RLIM_INFINITY else hard))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_soft_descriptor_limit_is_raised_to_the_hard_one_before_the_cap_is_set(
+    tmp_path: Path,
+) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with server_process(tmp_path, "--model", "queue", code=SOFT_LIMITED, code_args=("1024",)) as (
+        server
+    ):
+        capacity = metric(scrape(server.metrics_address), "echo_connection_capacity")
+    # Left at the soft 1,024, the cap would be 752.
+    assert capacity == default_cap(hard)
+    assert capacity > default_cap(1024)
 
 
 def emfile_warnings(server: ServerProcess) -> int:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from services import preflight, procfs
+from services.budget import RESERVED, default_cap
 from services.config import Config, ConfigError
-from services.preflight import RESERVED_DESCRIPTORS, RESERVED_TASKS, Limits
+from services.preflight import RESERVED_TASKS, Limits
 from support import ROOT
 
 ROOMY = Limits(descriptors=65536, tasks=None)
@@ -29,16 +30,28 @@ def test_the_unbounded_model_is_not_held_to_the_pid_limit() -> None:
     preflight.check(Config(model="threads"), Limits(descriptors=65536, tasks=16))
 
 
-def test_connection_dispatch_needs_a_descriptor_per_worker() -> None:
-    limits = Limits(descriptors=64, tasks=None)
-    workers = 64 - RESERVED_DESCRIPTORS
-    preflight.check(Config(model="executor", dispatch="connection", workers=workers), limits)
-    with pytest.raises(ConfigError, match=r"--workers: needs at least 65 file descriptors.*64"):
+def test_connection_dispatch_needs_a_descriptor_per_worker_and_waiting_connection() -> None:
+    limits = Limits(descriptors=RESERVED + 64, tasks=None)
+    config = Config(model="executor", dispatch="connection", workers=32, queue_size=32)
+    preflight.check(config, limits)
+    with pytest.raises(ConfigError, match=r"--workers: 32 workers and 33 waiting need 337 file"):
         preflight.check(
-            Config(model="executor", dispatch="connection", workers=workers + 1), limits
+            Config(model="executor", dispatch="connection", workers=32, queue_size=33), limits
         )
-    # Waiting in the loop, a worker holds no descriptor of its own.
-    preflight.check(Config(model="executor", dispatch="ready", workers=workers + 1), limits)
+
+
+def test_the_cap_metrics_clients_and_own_files_must_fit_the_descriptor_limit() -> None:
+    limits = Limits(descriptors=1024, tasks=None)
+    preflight.check(Config(model="queue", max_connections=1024 - RESERVED), limits)
+    with pytest.raises(
+        ConfigError,
+        match=r"--max-connections: 10000 connections need 10272 file descriptors with the 256 "
+        r"metrics clients and 16 of the server's own, over this process's limit of 1024",
+    ):
+        preflight.check(Config(model="queue", max_connections=10_000), limits)
+    # The default cap is what is left.
+    assert default_cap(1024) == 1024 - RESERVED
+    preflight.check(Config(model="queue", max_connections=default_cap(1024)), limits)
 
 
 def test_a_stack_size_the_platform_refuses_is_refused_up_front() -> None:
@@ -95,7 +108,7 @@ def test_a_descriptor_limit_too_low_for_the_pool_is_one_line_and_exit_2() -> Non
         check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert "--workers: needs at least 24 file descriptors" in result.stderr
+    assert "--workers: 8 workers and 64 waiting need 344 file descriptors" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
