@@ -25,11 +25,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-SCENARIOS = ("idle", "slowloris", "slow-reader", "churn", "metrics-slowloris", "cap-steer")
-TRICKLED = ("slowloris", "metrics-slowloris", "cap-steer")  # send a byte now and then
-# cap-steer: a byte on every connection this often, fresher than an established client
-# pausing between messages (3 s by default), so a cap that evicts the quietest evicts it.
-STEER_INTERVAL = 1.0
+SCENARIOS = (
+    "idle", "slowloris", "slow-reader", "churn", "metrics-slowloris", "cap-steer", "botnet"
+)  # fmt: skip
+AT_THE_CAP = ("cap-steer", "botnet")  # hold the target's cap and a tenth more
+TRICKLED = ("slowloris", "metrics-slowloris", *AT_THE_CAP)  # send a byte now and then
+BOTNET_SOURCES = 253  # botnet: from 127.0.0.2 to 127.0.0.254
 CONNECT_TIMEOUT = 5.0  # a handshake not done by then counts as refused
 _LATENCIES_KEPT = 20_000  # connect latencies kept for the percentiles (the latest)
 # metrics-slowloris: a request line that looks real, then one header whose value grows
@@ -55,6 +56,7 @@ class AttackPlan:
     trickle_interval: float = 2.0  # slowloris: seconds between bytes on one connection
     churn_in_flight: int = 64
     polite: bool = False  # never replace a connection the server dropped
+    sources: int = 1  # source addresses, 127.0.0.2 onwards when more than one (botnet)
     # The address is a container of the project, as Docker told it: a private address
     # is allowed too, and nothing else that is not loopback.
     container: bool = False
@@ -78,13 +80,13 @@ class AttackPlan:
             raise AttackRefused(f"duration: more than 0, at most {MAX_DURATION:g} s")
         if self.rate <= 0 or self.trickle_interval <= 0 or self.churn_in_flight < 1:
             raise AttackRefused("rate, trickle interval and churn in-flight must be positive")
-
-    @property
-    def touch_interval(self) -> float:
-        """Seconds between the bytes a trickled connection sends."""
-        if self.scenario == "cap-steer":
-            return min(self.trickle_interval, STEER_INTERVAL)
-        return self.trickle_interval
+        if not 1 <= self.sources <= BOTNET_SOURCES:
+            raise AttackRefused(f"sources: 1 to {BOTNET_SOURCES}")
+        if self.sources > 1 and not (ip.version == 4 and ip.is_loopback):
+            raise AttackRefused(
+                f"{self.scenario}: many source addresses (127.0.0.2 onwards) need a loopback "
+                f"IPv4 target, not {host}"
+            )
 
     @property
     def target_count(self) -> int:
@@ -184,6 +186,8 @@ class Attack(threading.Thread):
                 self._counts.replaced += 1
         sock = socket.socket(socket.AF_INET6 if ":" in self.plan.address[0] else socket.AF_INET)
         sock.setblocking(False)
+        if self.plan.sources > 1:  # the whole of 127.0.0.0/8 is this host's
+            sock.bind((f"127.0.0.{2 + self._attempts % self.plan.sources}", 0))
         if self.plan.scenario == "slow-reader":
             # Small buffers: the server's echo stalls after kilobytes, not megabytes of
             # kernel memory per connection, and the attacker's own unsent data stays
@@ -238,7 +242,7 @@ class Attack(threading.Thread):
         if self.plan.scenario == "metrics-slowloris":
             self._send(sock, _HTTP_START)
         if self.plan.scenario in TRICKLED:
-            self._trickle.append((time.monotonic() + self.plan.touch_interval, sock))
+            self._trickle.append((time.monotonic() + self.plan.trickle_interval, sock))
 
     # -- serving the sockets ------------------------------------------------------------
 
@@ -283,7 +287,7 @@ class Attack(threading.Thread):
             if sock not in self._open:
                 continue
             if self._send(sock, b"a"):
-                self._trickle.append((now + self.plan.touch_interval, sock))
+                self._trickle.append((now + self.plan.trickle_interval, sock))
 
     def _lost(self, sock: socket.socket) -> None:
         """The server closed or reset this connection; `_open_more` replaces it."""

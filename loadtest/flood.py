@@ -224,10 +224,29 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
 
 def check_plans(scenarios: list[str], targets: list[Target], settings: RunSettings) -> None:
     """Refuse a bad plan before any traffic."""
-    for scenario in scenarios:
-        for target in targets:
-            settings.plan(scenario, target)
+    for scenario, target in runs_of(scenarios, targets):
+        settings.plan(scenario, target)
     ensure_descriptors(settings.connections)
+
+
+def runs_of(scenarios: list[str], targets: list[Target]) -> list[tuple[str, Target]]:
+    """Each scenario against each target, but a botnet only against loopback targets: its
+    source addresses are 127.0.0.x, which cannot reach a container's own address. Asked
+    for by name against a container alone, it is refused with the reason."""
+    pairs = [(scenario, target) for scenario in scenarios for target in targets]
+    kept = [(s, t) for s, t in pairs if s != "botnet" or not t.container]
+    return kept if kept or not pairs else pairs  # nothing left: let plan() say why
+
+
+def skipped(scenarios: list[str], targets: list[Target]) -> list[str]:
+    kept = runs_of(scenarios, targets)
+    return [
+        f"{scenario} skipped for {target.name}: its source addresses (127.0.0.x) cannot reach "
+        "a container's own address (--via published, or make up-local)"
+        for scenario in scenarios
+        for target in targets
+        if (scenario, target) not in kept
+    ]
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
@@ -250,16 +269,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     if args.find_limit:
         points = [
             find_limit(target, scenario, settings, steps, progress)
-            for scenario in scenarios
-            for target in targets
+            for scenario, target in runs_of(scenarios, targets)
         ]
         return report_limits(points, args, out)
+    for line in skipped(scenarios, targets):
+        print(line, file=sys.stderr)
     runs = []
-    for scenario in scenarios:
-        for target in targets:
-            runs.append(flood(target, scenario, settings, progress))
-            if progress is not None:
-                progress("")
+    for scenario, target in runs_of(scenarios, targets):
+        runs.append(flood(target, scenario, settings, progress))
+        if progress is not None:
+            progress("")
     return report(runs, args, out)
 
 

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtest.attacks import Attack, AttackCounts, AttackPlan, AttackRefused
+from loadtest.attacks import (
+    AT_THE_CAP,
+    BOTNET_SOURCES,
+    Attack,
+    AttackCounts,
+    AttackPlan,
+    AttackRefused,
+)
 from loadtest.observe import (
     Established,
     Exchange,
@@ -36,6 +43,9 @@ class Target:
 
 MAX_ESTABLISHED = 64
 MAX_THINK = 30.0
+# At the cap the attacker touches each connection this many times per established
+# client's pause: always fresher than the honest clients.
+STEER_TOUCHES = 3
 
 
 @dataclass(frozen=True)
@@ -56,20 +66,25 @@ class RunSettings:
 
     def plan(self, scenario: str, target: Target, capacity: float = -1) -> AttackPlan:
         """The attack on `target`: its metrics port for metrics-slowloris, else its echo
-        port. cap-steer holds more than the target's `capacity` (its connection cap, -1
-        for none) so that it sits at the cap throughout: a tenth more, at least 20."""
-        connections = self.connections
-        if scenario == "cap-steer" and capacity > 0:
-            connections = max(connections, int(capacity) + max(int(capacity) // 10, 20))
+        port. cap-steer and botnet hold more than the target's `capacity` (its connection
+        cap, -1 for none) so that they sit at the cap throughout (a tenth more, at least
+        20), touching each connection STEER_TOUCHES times per established client's
+        pause; botnet from BOTNET_SOURCES addresses."""
+        connections, trickle = self.connections, self.trickle_interval
+        if scenario in AT_THE_CAP:
+            trickle = self.think / STEER_TOUCHES
+            if capacity > 0:
+                connections = max(connections, int(capacity) + max(int(capacity) // 10, 20))
         return AttackPlan(
             scenario=scenario,
             address=target.metrics if scenario == "metrics-slowloris" else target.address,
             connections=connections,
             rate=self.rate,
             duration=self.duration,
-            trickle_interval=self.trickle_interval,
+            trickle_interval=trickle,
             polite=self.polite,
             container=target.container,
+            sources=BOTNET_SOURCES if scenario == "botnet" else 1,
         )
 
     def check(self) -> None:

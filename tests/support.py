@@ -27,7 +27,7 @@ MODE_IDS = [f"{name}-{mode}" for name, mode in MODES]
 BOUNDED = [name for name, spec in MODELS.items() if spec.bounded]
 UNBOUNDED = [name for name, spec in MODELS.items() if not spec.bounded]
 # The attacks a thread per connection cannot survive (churn and the metrics port it can).
-UNBOUNDED_BREAKERS = ("idle", "slowloris", "slow-reader", "cap-steer")
+UNBOUNDED_BREAKERS = ("idle", "slowloris", "slow-reader", "cap-steer", "botnet")
 # Runs one flood and returns it (the `flooder` fixture: it also records the run).
 Flooder = Callable[[Target, str, RunSettings], FloodRun]
 

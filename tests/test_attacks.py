@@ -3,6 +3,7 @@ within the rate; a polite attack does not replace anything."""
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 import loadtest.flood
 from loadtest.attacks import Attack, AttackPlan, AttackRefused
-from loadtest.floodrun import RunSettings
+from loadtest.floodrun import RunSettings, Target
 from loadtest.observe import Established
 from support import EVENTUALLY, ROOT, running, wait_until
 
@@ -183,6 +184,8 @@ def test_no_container_running_means_loopback_unless_the_network_was_asked_for(
         (["--duration", "301"], "duration"),
         (["--targets", "nginx"], "targets: unknown nginx"),
         (["--scenarios", "ddos"], "scenario 'ddos'"),
+        (["--scenarios", "idle", "--think", "0"], "think: more than 0"),
+        (["--established", "65"], "established: 0 to 64"),
         (["--targets", "queue", "--via", "network", "--port", "1"], "not --host/--port"),
         (["--via", "network", "--docker-project", "no-such-project"], "no running container"),
     ],
@@ -222,3 +225,40 @@ def test_established_clients_tell_a_cut_from_a_served_message(think: float, cuts
             else:
                 assert all(e.ok and not e.cut for e in mine), mine
         assert (server.stats.closed["idle"].value >= 2) == cuts
+
+
+def test_a_botnet_comes_from_many_loopback_addresses() -> None:
+    peers: set[str] = set()
+    with socket.create_server(("127.0.0.1", 0), backlog=256) as listener:
+        listener.settimeout(0.05)
+        plan = AttackPlan("botnet", listener.getsockname(), connections=40, rate=400.0,
+                          duration=1.0, sources=5)  # fmt: skip
+        attack = Attack(plan)
+        attack.start()
+        accepted = []
+        try:
+            deadline = time.monotonic() + EVENTUALLY
+            while len(peers) < 5 and time.monotonic() < deadline and attack.is_alive():
+                with contextlib.suppress(TimeoutError):
+                    conn, (host, _port) = listener.accept()
+                    accepted.append(conn)
+                    peers.add(host)
+        finally:
+            attack.stop()
+            attack.join(EVENTUALLY)
+            for conn in accepted:
+                conn.close()
+    assert peers == {f"127.0.0.{n}" for n in range(2, 7)}
+
+
+def test_a_botnet_is_not_sent_to_a_container_with_the_others() -> None:
+    local = Target("queue", ("127.0.0.1", 15002), ("127.0.0.1", 9102))
+    boxed = Target("threads", ("172.18.0.2", 15003), ("172.18.0.2", 9103), container=True)
+    runs = loadtest.flood.runs_of(["idle", "botnet"], [local, boxed])
+    assert runs == [("idle", local), ("idle", boxed), ("botnet", local)]
+    assert loadtest.flood.skipped(["idle", "botnet"], [local, boxed])[0].startswith(
+        "botnet skipped for threads"
+    )
+    with pytest.raises(AttackRefused, match="need a loopback IPv4 target"):
+        for scenario, target in loadtest.flood.runs_of(["botnet"], [boxed]):
+            RunSettings().plan(scenario, target)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _pytest.mark.structures import ParameterSet
 
-from loadtest.attacks import SCENARIOS
+from loadtest.attacks import AT_THE_CAP, SCENARIOS
 from loadtest.breaking import LIMIT_STEPS, find_limit
 from loadtest.flood import FloodRun, RunSettings, Target
 from loadtest.observe import Sample
@@ -54,9 +54,9 @@ POOL_ARGS = (
 # Scenarios in which a ready pool cuts attackers (a timeout, the metrics endpoint's
 # deadline and client cap) or the attacker cuts itself (churn): a reconnecting attack
 # must have replaced connections there, or it did not keep its count.
-CUT = ("idle", "slow-reader", "churn", "metrics-slowloris", "cap-steer")
-# A cap above the floods' 1,000 connections: only cap-steer, which sizes itself past the
-# cap, reaches it.
+CUT = ("idle", "slow-reader", "churn", "metrics-slowloris", *AT_THE_CAP)
+# A cap above the floods' 1,000 connections: only cap-steer and botnet, which size
+# themselves past the cap, reach it.
 CAP = ("--max-connections", "1200")
 
 
