@@ -1,4 +1,5 @@
-"""One PNG per scenario: threads, RSS and probe latency over time, the servers side by side."""
+"""One PNG per scenario: threads, RSS and the legitimate clients' round trips (the newcomer
+probe's and the established clients') over time, the servers side by side."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from loadtest.breaking import BreakingPoint
     from loadtest.floodrun import FloodRun
+    from loadtest.observe import ProbeResult
 
 from services.models import MODELS
 
@@ -41,22 +45,8 @@ def write_charts(runs: Sequence[FloodRun], directory: Path) -> list[Path]:
                 times, [s.values.get("threads", 0) for s in good], color=color, label=label
             )
             rss.plot(times, [s.values.get("rss_bytes", 0) / 2**20 for s in good], color=color)
-            ok = [p for p in run.probes if p.ok]
-            failed = [p for p in run.probes if not p.ok]
-            latency.plot(
-                [p.at - run.attack_start for p in ok],
-                [p.seconds * 1000 for p in ok],
-                ".",
-                color=color,
-                markersize=3,
-            )
-            latency.plot(
-                [p.at - run.attack_start for p in failed],
-                [2500] * len(failed),
-                "x",
-                color=color,
-                markersize=4,
-            )
+            _round_trips(latency, run.probes, run.attack_start, color, (".", "x"))
+            _round_trips(latency, run.established, run.attack_start, color, ("s", "+"))
         for axis in (threads, rss, latency):
             axis.axvline(0, color="grey", linestyle="--", linewidth=0.8)
             axis.grid(alpha=0.3)
@@ -67,7 +57,9 @@ def write_charts(runs: Sequence[FloodRun], directory: Path) -> list[Path]:
         threads.set_ylabel("threads")
         threads.legend(loc="upper left")
         rss.set_ylabel("RSS (MiB)")
-        latency.set_ylabel("probe round trip (ms)\nx = failed")
+        latency.set_ylabel(
+            "round trip (ms)\n. probe, \u25a0 established\nx / + failed (at the top)"
+        )
         latency.set_yscale("log")
         latency.set_xlabel("seconds since the attack began (dashed: start, dotted: end)")
         figure.suptitle(f"{scenario} flood")
@@ -77,6 +69,22 @@ def write_charts(runs: Sequence[FloodRun], directory: Path) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
+
+
+def _round_trips(
+    axis: Axes,
+    results: Sequence[ProbeResult],
+    start: float,
+    color: str | None,
+    markers: tuple[str, str],
+) -> None:
+    """Served round trips at their latency, failed ones (and cuts) at the top."""
+    ok = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    axis.plot([r.at - start for r in ok], [r.seconds * 1000 for r in ok], markers[0],
+              color=color, markersize=3)  # fmt: skip
+    axis.plot([r.at - start for r in failed], [2500] * len(failed), markers[1],
+              color=color, markersize=5)  # fmt: skip
 
 
 def write_limit_chart(points: Sequence[BreakingPoint], directory: Path) -> Path:
