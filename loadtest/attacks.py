@@ -96,6 +96,7 @@ class AttackPlan:
 
 @dataclass
 class AttackCounts:
+    planned: int = 0  # connections the attack keeps (cap-steer: sized past the cap)
     opened: int = 0  # connections that completed the handshake
     open_now: int = 0
     peak_open: int = 0  # the most held at once: how much of the attack landed
@@ -114,7 +115,7 @@ class Attack(threading.Thread):
     def __init__(self, plan: AttackPlan) -> None:
         super().__init__(name=f"attack-{plan.scenario}", daemon=True)
         self.plan = plan
-        self._counts = AttackCounts()
+        self._counts = AttackCounts(planned=plan.connections)
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._selector = selectors.DefaultSelector()

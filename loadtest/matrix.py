@@ -41,7 +41,7 @@ def matrix_row(run: FloodRun, where: str) -> dict[str, Any]:
         "where": where,
         "scenario": run.scenario,
         "server": run.target,
-        "connections": run.settings.connections,
+        "connections": run.counts.planned or run.settings.connections,
         "seconds": run.settings.duration,
         "verdict": s.verdict,
         "probe_success": s.probe_success,

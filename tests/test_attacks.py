@@ -262,3 +262,17 @@ def test_a_botnet_is_not_sent_to_a_container_with_the_others() -> None:
     with pytest.raises(AttackRefused, match="need a loopback IPv4 target"):
         for scenario, target in loadtest.flood.runs_of(["botnet"], [boxed]):
             RunSettings().plan(scenario, target)
+
+
+def test_an_attack_at_the_cap_holds_a_tenth_more_than_the_cap_and_says_so() -> None:
+    target = Target("queue", ("127.0.0.1", 15002), ("127.0.0.1", 9102))
+    settings = RunSettings(connections=100, think=3.0)
+    plan = settings.plan("cap-steer", target, capacity=1200)
+    assert plan.connections == 1320 and plan.trickle_interval == 1.0
+    assert settings.plan("cap-steer", target, capacity=-1).connections == 100  # no cap
+    assert settings.plan("cap-steer", target, capacity=50).connections == 100  # at least
+    stopped = Attack(plan)
+    stopped.stop()  # before it starts: it opens nothing, and closes its selector
+    stopped.start()
+    stopped.join(EVENTUALLY)
+    assert stopped.counts().planned == 1320 and stopped.counts().opened == 0  # the tables'
