@@ -78,8 +78,8 @@ class ReadyDispatch:
         self._config = server.config
         self._stats = server.stats
         self._selector: selectors.BaseSelector = server.loop_selector  # closed until the loop runs
-        # Parked connections in the order they were parked: the front has been quiet
-        # (or stalled) longest. Only the loop's thread touches these.
+        # Waiting connections in the order they were parked (the front has been quiet
+        # longest), and the writers; only the loop's thread touches these.
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
         self._writing: dict[Connection, None] = {}  # their stall order: `_send_clock`
         self._send_clock: Deadlines[Connection] = Deadlines()  # writers, by stalled_since
@@ -119,7 +119,9 @@ class ReadyDispatch:
             if parked is self._writing:
                 self._send_clock.add(conn, conn.stalled_since)
             elif self._config.min_rate:
-                self._worth.add(conn, self._worth_until(conn))
+                self._worth.add(
+                    conn, worth_until(conn.admitted, conn.received, self._config.min_rate)
+                )
             if interest == "rest":
                 conn.rests_until = time.monotonic() + WRITABLE_REST
                 self._resting.append(conn)
@@ -131,10 +133,6 @@ class ReadyDispatch:
             self._send_clock.remove(conn)
             self._worth.remove(conn)
             raise
-
-    def _worth_until(self, conn: Connection) -> float:
-        config = self._config
-        return worth_until(conn.admitted, conn.received, config.min_rate)
 
     def _watch(self, conn: Connection, interest: str) -> None:
         event = selectors.EVENT_READ if interest == "read" else selectors.EVENT_WRITE
