@@ -12,12 +12,14 @@ class Connection:
     """A connection's state between turns; lives as long as the connection."""
 
     __slots__ = (
-        "admitted", "last_active", "ready_at", "received", "rests_until", "sock",
-        "stalled_since", "unsent", "woke_writable",
+        "admitted", "early", "fd", "last_active", "ready_at", "received", "rests_until",
+        "sock", "stalled_since", "unsent", "woke_writable",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
+        self.fd = sock.fileno()  # for the epoll set, which knows it by number
+        self.early = False  # its event came before the loop took it back (`ready.py`)
         self.last_active = now  # the last byte from the client (the idle clock)
         self.unsent = b""  # echo the client has not taken yet
         self.stalled_since = now  # the last progress sending `unsent`

@@ -43,6 +43,11 @@ class PoolServer(Server):
     def capacity(self) -> int | None:
         return self.config.capacity
 
+    def close(self) -> None:
+        super().close()
+        if self.ready is not None:
+            self.ready.close()
+
     def on_loop_start(self, selector: selectors.BaseSelector) -> None:
         if self.ready is not None:
             self.ready.on_loop_start(selector)

@@ -6,7 +6,8 @@ NIO): the event loop's thread owns every admitted connection while it waits,
 whether for bytes (`waiting`) or for a client that does not read to take its
 echo (`writing`). When one is ready the loop hands it to the pool (`queued`); a
 worker echoes what is there without waiting for more (`busy`), then hands it
-back through a queue and a wake-up, since a selector belongs to one thread. So a
+back through a queue and a wake-up, having armed it for its next event itself
+(`services/parked.py`: the loop makes no system call per message). So a
 waiting connection costs a descriptor and a few hundred bytes, never a thread,
 and N slow clients cannot hold a pool of N.
 
@@ -46,6 +47,7 @@ from services.connection import Connection, over_budget, worth_until
 from services.deadlines import Deadlines
 from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn, set_kernel_timeout
 from services.logs import quietly
+from services.parked import INTEREST, READ, WRITE, ParkedSet
 from services.stats import persist
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ log = logging.getLogger("echo.ready")
 
 _PARKED = ("read", "write", "rest")  # what a connection handed back waits for
 _HANDBACKS_PER_WAKE = 4096  # so a flood of hand-backs cannot starve accept and timeouts
+_EVENTS_PER_WAKE = 1024  # likewise for events; the rest are there at the next select()
 # A writer that woke for writability and could send nothing waits this long before it is
 # watched again: under its own TCP memory pressure the kernel reports sockets writable
 # that take nothing, and watched again at once (or after 50 ms) 2,000 such writers kept
@@ -77,7 +80,7 @@ class ReadyDispatch:
         self._server = server
         self._config = server.config
         self._stats = server.stats
-        self._selector: selectors.BaseSelector = server.loop_selector  # closed until the loop runs
+        self._parked = ParkedSet()  # what parked connections wait for
         # Waiting connections in the order they were parked (the front has been quiet
         # longest), and the writers; only the loop's thread touches these.
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
@@ -94,7 +97,11 @@ class ReadyDispatch:
     # -- on the loop's thread ------------------------------------------------------------
 
     def on_loop_start(self, selector: selectors.BaseSelector) -> None:
-        self._selector = selector
+        selector.register(self._parked, selectors.EVENT_READ, self._on_events)
+
+    def close(self) -> None:
+        """Release the epoll set (the loop has ended, or will never run)."""
+        self._parked.close()
 
     def admit(self, sock: socket.socket) -> None:
         """A new connection, already counted as `waiting`: park it until it sends."""
@@ -107,12 +114,18 @@ class ReadyDispatch:
         if self._config.linger:
             set_kernel_timeout(sock, socket.SO_RCVTIMEO, self._config.linger)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._park(Connection(sock, time.monotonic()), "read")
+        conn = Connection(sock, time.monotonic())
+        self._park(conn, "read")
+        try:
+            self._parked.add(conn, READ)
+        except BaseException:
+            self._unpark(conn)
+            raise
 
     def _park(self, conn: Connection, interest: str) -> None:
-        """Park a connection for `interest`: "read", "write", or "rest" (a writer that is
-        not watched until WRITABLE_REST has passed). All or nothing, out of memory
-        included."""
+        """Count a connection as parked for `interest`: "read", "write", or "rest" (a
+        writer that is not watched until WRITABLE_REST has passed); whoever parks it
+        arms it for that event. All or nothing, out of memory included."""
         parked = self._waiting if interest == "read" else self._writing
         parked[conn] = None
         try:
@@ -125,8 +138,6 @@ class ReadyDispatch:
             if interest == "rest":
                 conn.rests_until = time.monotonic() + WRITABLE_REST
                 self._resting.append(conn)
-            else:
-                self._watch(conn, interest)
         except BaseException:
             del parked[conn]
             conn.rests_until = 0.0
@@ -134,16 +145,11 @@ class ReadyDispatch:
             self._worth.remove(conn)
             raise
 
-    def _watch(self, conn: Connection, interest: str) -> None:
-        event = selectors.EVENT_READ if interest == "read" else selectors.EVENT_WRITE
-        self._selector.register(conn.sock, event, partial(self._ready, conn))
-
     def _unpark(self, conn: Connection) -> bool:
-        """Take a parked connection out of the loop; True if it was waiting to read."""
-        if conn.rests_until:
-            conn.rests_until = 0.0  # not registered; its entry in _resting goes stale
-        else:
-            self._selector.unregister(conn.sock)
+        """Count a parked connection as no longer parked; True if it was waiting to read.
+        It stays in the epoll set, disarmed or armed: disarmed it has no events, and
+        closing it takes it out. Allocates nothing."""
+        conn.rests_until = 0.0  # if it rested, its entry in _resting goes stale
         if conn in self._waiting:
             del self._waiting[conn]
             self._worth.remove(conn)
@@ -152,16 +158,43 @@ class ReadyDispatch:
         self._send_clock.remove(conn)
         return False
 
-    def _ready(self, conn: Connection, _sock: socket.socket, _mask: int) -> None:
+    def _on_events(self, _parked: ParkedSet, _mask: int) -> None:
+        try:
+            ready = self._parked.ready(_EVENTS_PER_WAKE)
+        except MemoryError:  # after epoll_wait took the events, they are lost with the list
+            self._arm_again()
+            raise
+        for conn in ready:
+            self._ready(conn)
+
+    def _arm_again(self) -> None:
+        """Arm every parked connection again, and every one handed back: each may have
+        had its event taken, and nothing else would serve it. Armed already, no harm."""
+        parked = [*self._waiting, *self._writing, *(conn for conn, _ in list(self._handbacks))]
+        for conn in parked:
+            if not conn.rests_until and self._parked.holds(conn):
+                with contextlib.suppress(OSError):  # closed meanwhile, or epoll_ctl failed
+                    self._parked.arm(conn, WRITE if conn in self._writing else READ)
+
+    def _ready(self, conn: Connection) -> None:
+        """Hand a connection with an event to the pool. Never raises: its event is
+        taken, and a connection that is neither served nor closed would wait forever."""
         if conn not in self._waiting and conn not in self._writing:
-            return  # closed earlier in the same batch of events (evicted, over budget)
+            # Handed back but not taken back yet (its worker armed it before handing it
+            # back): served once it is; or closed earlier in the same batch.
+            conn.early = True
+            return
         # Whoever takes the one item of `claim` owns the connection from then on: the
         # worker that runs the job, or this loop if submit() failed. A submit can fail
         # after the job is queued (queue.Queue.put counts its task after appending it),
         # and then the worker must not serve a connection the loop has closed, nor the
         # loop close one a worker serves.
-        claim = [conn]
-        job = partial(self.serve_turn, conn, claim)
+        try:
+            claim = [conn]
+            job = partial(self.serve_turn, conn, claim)
+        except MemoryError:
+            self._close_parked(conn, "error")
+            return
         conn.woke_writable = not self._unpark(conn)
         state = self._stats.writing if conn.woke_writable else self._stats.waiting
         try:
@@ -197,8 +230,12 @@ class ReadyDispatch:
             else:
                 try:
                     self._park(conn, interest)
-                except (MemoryError, OSError):  # epoll_ctl: ENOMEM, ENOSPC
+                except MemoryError:
                     self._close(conn, state, "error")
+                else:
+                    if conn.early:  # its event came while it was on its way back
+                        conn.early = False
+                        self._ready(conn)
             with contextlib.suppress(MemoryError):  # past 256 an int allocates
                 self.taken_back += 1
         if self._server.stopping:
@@ -230,7 +267,7 @@ class ReadyDispatch:
             conn = self._resting.popleft()
             if conn.rests_until:  # else closed or served since: stale
                 try:
-                    self._watch(conn, "write")
+                    self._parked.arm(conn, WRITE)
                 except (MemoryError, OSError):  # epoll_ctl: ENOMEM, ENOSPC
                     self._close_parked(conn, "error")  # still resting: nothing to unwatch
                 else:
@@ -270,6 +307,7 @@ class ReadyDispatch:
             self._close_parked(conn, reason)
         while self._handbacks:
             self.take_back()
+        self.close()  # a worker that arms a connection now is told so, and closes it
 
     def _close_parked(self, conn: Connection, reason: str) -> None:
         state = self._stats.waiting if self._unpark(conn) else self._stats.writing
@@ -282,6 +320,7 @@ class ReadyDispatch:
             with contextlib.suppress(MemoryError):
                 persist(self._stats.pending_output.decr, len(conn.unsent))
             conn.unsent = b""
+        self._parked.forget(conn)
         self._server.finish(conn.sock, state, reason)
 
     # -- on a worker's thread ------------------------------------------------------------
@@ -356,10 +395,15 @@ class ReadyDispatch:
         if outcome in _PARKED and not self._server.stopping and state is stats.busy:
             parked = stats.waiting if outcome == "read" else stats.writing
             persist(stats.hand_back, parked, *traffic)
+            events = INTEREST.get(outcome)  # a resting writer is armed by the loop, later
             try:
+                # Armed first, while this worker still owns it: once handed back the
+                # loop may close it, and its number may belong to another connection.
+                if events is not None:
+                    self._parked.arm(conn, events)
                 self._handbacks.append((conn, outcome))
-            except MemoryError:
-                self._close(conn, parked, "error")
+            except Exception:  # epoll_ctl: ENOMEM, ENOSPC; the set closed (stopping); memory
+                self._close(conn, parked, "shutdown" if self._server.stopping else "error")
                 return
             if self._loop_done:  # checked after the append: see close_all()
                 self.take_back()

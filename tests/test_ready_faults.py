@@ -18,6 +18,7 @@ import pytest
 import services.accepting
 import services.base
 import services.metrics_http
+from services.parked import ParkedSet
 from services.pool import PoolServer
 from services.watchdog import MIN_TIMEOUT
 from support import (
@@ -26,6 +27,7 @@ from support import (
     RunningService,
     balanced,
     connect,
+    recv_exactly,
     roundtrip,
     running,
     scrape,
@@ -88,6 +90,12 @@ def closed_by_server(sock: socket.socket) -> bool:
     return True
 
 
+def parked_set(server: RunningService) -> ParkedSet:
+    inner = server.service.server
+    assert isinstance(inner, PoolServer) and inner.ready is not None
+    return inner.ready._parked
+
+
 def assert_still_served(sock: socket.socket, server: RunningService) -> None:
     for n in range(3):
         payload = b"after the fault %d" % n
@@ -111,18 +119,18 @@ def test_a_failed_wake_up_strands_no_hand_back(model: str, error: BaseException)
 
 
 @pytest.mark.parametrize("model", BOUNDED)
-def test_epoll_ctl_failing_in_take_back_closes_and_counts_that_one_connection(
+def test_epoll_ctl_failing_when_a_worker_arms_a_connection_closes_and_counts_it(
     model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
-        selector = server.service.server.loop_selector
-        fault = RaiseOnce(selector.register, OSError(errno.ENOMEM, "epoll_ctl"))
-        monkeypatch.setattr(selector, "register", fault)
-        # The next hand-back (of the first message's turn, or of this one's) cannot be
-        # watched again: the server closes the connection, and counts it.
-        with contextlib.suppress(OSError):
-            sock.sendall(b"parked again after this")
+        parked = parked_set(server)
+        fault = RaiseOnce(parked.arm, OSError(errno.ENOMEM, "epoll_ctl"))
+        monkeypatch.setattr(parked, "arm", fault)
+        # The turn that echoes this cannot arm the connection for its next message: the
+        # worker closes the connection, and counts it.
+        sock.sendall(b"not armed after this")
         sock.settimeout(EVENTUALLY)
+        assert recv_exactly(sock, 20) == b"not armed after this"
         assert closed_by_server(sock)
         assert fault.fired.is_set()
         monkeypatch.undo()
@@ -130,6 +138,33 @@ def test_epoll_ctl_failing_in_take_back_closes_and_counts_that_one_connection(
         assert server.sample("echo_connections_closed_total", reason="error") == 1
         with connect(server.address) as other:
             assert roundtrip(other, b"next") == b"next"
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_events_lost_to_a_memory_error_after_epoll_wait_are_served_all_the_same(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # epoll_wait takes the events (each disarms its connection), and then building the
+    # list of them fails: without arming them again, these clients would wait for their
+    # echo until the idle timeout closed them.
+    with running(model, workers=2, linger=0.0, idle_timeout=300.0) as server:
+        clients = [connect(server.address) for _ in range(4)]
+        try:
+            for sock in clients:
+                assert roundtrip(sock, b"parked") == b"parked"
+            parked = parked_set(server)
+            fault = RaiseOnce(parked.ready, MemoryError(), first=False)
+            monkeypatch.setattr(parked, "ready", fault)
+            for sock in clients:
+                sock.sendall(b"after the lost events")
+            for sock in clients:
+                assert recv_exactly(sock, 21) == b"after the lost events"
+            assert fault.fired.is_set()
+        finally:
+            for sock in clients:
+                sock.close()
+        wait_until(lambda: balanced(server), what="every connection closed and counted")
+        assert server.sample("echo_connections_closed_total", reason="error") == 0
 
 
 @pytest.mark.parametrize("model", BOUNDED)
