@@ -39,14 +39,15 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from functools import partial
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from services.concurrency import SharedCounter
 from services.connection import Connection, over_budget, worth_until
 from services.deadlines import Deadlines
+from services.drain import ReadyQueue
 from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn, set_kernel_timeout
-from services.logs import quietly
+from services.logs import RateLimitedLog, quietly
 from services.parked import INTEREST, READ, WRITE, ParkedSet
 from services.stats import persist
 
@@ -65,22 +66,16 @@ _EVENTS_PER_WAKE = 1024  # likewise for events; the rest are there at the next s
 WRITABLE_REST = 0.5
 
 
-def _won(claim: list[Connection]) -> bool:
-    """Take the one item of `claim`: True for the first caller only (list.pop() is
-    atomic, and allocates nothing on success)."""
-    try:
-        claim.pop()
-    except IndexError:
-        return False
-    return True
-
-
 class ReadyDispatch:
     def __init__(self, server: PoolServer) -> None:
         self._server = server
         self._config = server.config
         self._stats = server.stats
         self._parked = ParkedSet()  # what parked connections wait for
+        self._queue: ReadyQueue[Connection] = ReadyQueue(
+            self._config.workers, self._submit, self.serve_turn
+        )
+        self._warn = RateLimitedLog(log)
         # Waiting connections in the order they were parked (the front has been quiet
         # longest), and the writers; only the loop's thread touches these.
         self._waiting: OrderedDict[Connection, None] = OrderedDict()
@@ -166,6 +161,7 @@ class ReadyDispatch:
             raise
         for conn in ready:
             self._ready(conn)
+        self._call_workers()
 
     def _arm_again(self) -> None:
         """Arm every parked connection again, and every one handed back: each may have
@@ -177,23 +173,13 @@ class ReadyDispatch:
                     self._parked.arm(conn, WRITE if conn in self._writing else READ)
 
     def _ready(self, conn: Connection) -> None:
-        """Hand a connection with an event to the pool. Never raises: its event is
-        taken, and a connection that is neither served nor closed would wait forever."""
+        """Queue a connection with an event for the pool (`_call_workers()` after a
+        batch). Never raises: its event is taken, and a connection that is neither
+        served nor closed would wait forever."""
         if conn not in self._waiting and conn not in self._writing:
             # Handed back but not taken back yet (its worker armed it before handing it
             # back): served once it is; or closed earlier in the same batch.
             conn.early = True
-            return
-        # Whoever takes the one item of `claim` owns the connection from then on: the
-        # worker that runs the job, or this loop if submit() failed. A submit can fail
-        # after the job is queued (queue.Queue.put counts its task after appending it),
-        # and then the worker must not serve a connection the loop has closed, nor the
-        # loop close one a worker serves.
-        try:
-            claim = [conn]
-            job = partial(self.serve_turn, conn, claim)
-        except MemoryError:
-            self._close_parked(conn, "error")
             return
         conn.woke_writable = not self._unpark(conn)
         state = self._stats.writing if conn.woke_writable else self._stats.waiting
@@ -201,13 +187,20 @@ class ReadyDispatch:
             persist(self._stats.move, state, self._stats.queued)
             state = self._stats.queued
             conn.ready_at = time.monotonic()
-            self._server.submit(job)
-        except Exception:  # the pool is shut down (stopping), cannot take it, or no memory
-            if not _won(claim):
-                return  # queued after all: a worker has it
-            if not self._server.stopping:
-                quietly(log.exception, "the pool refused a ready connection; closing it")
-            self._close(conn, state, "shutdown" if self._server.stopping else "error")
+            self._queue.put(conn)
+        except MemoryError:
+            self._close(conn, state, "error")
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        self._server.submit(job)  # the pool's, looked up at each call
+
+    def _call_workers(self) -> None:
+        """Jobs on the pool for the queued connections; those the pool refused wait for
+        the next call (at the latest, the next tick), or for close_all()."""
+        if self._queue and not self._queue.call_workers() and not self._server.stopping:
+            self._warn.warning(
+                "the pool refused a job; %d ready connection(s) wait", len(self._queue)
+            )
 
     @property
     def handbacks_waiting(self) -> int:
@@ -240,6 +233,7 @@ class ReadyDispatch:
                 self.taken_back += 1
         if self._server.stopping:
             return
+        self._call_workers()
         if self._handbacks:
             self._server.wake()  # more than one wake's worth: come back after the rest
         pending, budget = self._stats.pending_output.value, self._config.output_budget
@@ -284,6 +278,7 @@ class ReadyDispatch:
                 if now - stalled[0] < send:
                     break
                 self._close_parked(stalled[1], "slow_reader")
+        self._call_workers()  # again, if the pool refused a job since the last call
 
     def make_room(self, now: float) -> bool:
         """At the cap: close a waiting connection for a newcomer, if one is behind the
@@ -300,11 +295,13 @@ class ReadyDispatch:
         return True
 
     def close_all(self, reason: str) -> None:
-        """The loop is ending (the server is stopping): close everything parked and
-        everything handed back; later hand-backs are closed by their workers."""
+        """The loop is ending (the server is stopping): close everything parked, queued
+        and handed back; later hand-backs are closed by their workers."""
         self._loop_done = True
         for conn in [*self._waiting, *self._writing]:
             self._close_parked(conn, reason)
+        for conn in self._queue.take_all():
+            self._close(conn, self._stats.queued, reason)
         while self._handbacks:
             self.take_back()
         self.close()  # a worker that arms a connection now is told so, and closes it
@@ -325,12 +322,9 @@ class ReadyDispatch:
 
     # -- on a worker's thread ------------------------------------------------------------
 
-    def serve_turn(self, conn: Connection, claim: list[Connection]) -> None:
+    def serve_turn(self, conn: Connection) -> None:
         """Echo what `conn` has for us, then hand it back to the loop or close it. Never
-        raises: whatever happens, the connection is parked again or closed and counted.
-        Only if this worker wins the `claim` (see `_ready`)."""
-        if not _won(claim):
-            return  # the loop closed it when its submit failed
+        raises: whatever happens, the connection is parked again or closed and counted."""
         stats = self._stats
         state = stats.queued
         turn = Turn()

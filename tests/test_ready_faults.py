@@ -4,7 +4,6 @@ allocator would raise it; no connection is lost, no loop wedged, every count rig
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import selectors
 import socket
@@ -247,28 +246,51 @@ class QueuedThenFailed:
 
 @pytest.mark.parametrize("worker_first", [True, False], ids=["worker-first", "loop-first"])
 @pytest.mark.parametrize("model", BOUNDED)
-def test_a_submit_that_fails_after_queuing_leaves_the_connection_one_owner(
+def test_a_submit_that_fails_after_queuing_counts_its_job_once(
     model: str, worker_first: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Whoever claims the connection first owns it: the worker serves it, or the loop
-    # closes it; never both (a connection closed twice, counts below zero).
+    # Whoever claims the job first decides: it runs, or the loop counts it as never
+    # submitted and submits another later; never both (two jobs counted as one, or a
+    # job counted that never ends, would leave ready connections without a worker).
     with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
         inner = server.service.server
-        assert isinstance(inner, PoolServer)
+        assert isinstance(inner, PoolServer) and inner.ready is not None
+        queue = inner.ready._queue
         fault = QueuedThenFailed(inner.submit, worker_first)
         monkeypatch.setattr(inner, "submit", fault)
         sock.sendall(b"the turn whose submit fails")
         sock.settimeout(EVENTUALLY)
-        if worker_first:  # served, and served again later
-            assert sock.recv(4096) == b"the turn whose submit fails"
-            assert_still_served(sock, server)
-        else:  # closed by the loop, once (a reset: it closed with the message unread)
-            assert closed_by_server(sock)
+        assert recv_exactly(sock, 27) == b"the turn whose submit fails"
         assert fault.job_ran.wait(EVENTUALLY)
+        assert_still_served(sock, server)
+    assert server.clean  # every worker ended: no job is left running
+    assert queue.jobs == 0, "a job counted twice, or one counted that never ran"
     wait_until(lambda: balanced(server), what="every connection closed and counted once")
-    closed_error = server.sample("echo_connections_closed_total", reason="error")
-    assert closed_error == (0 if worker_first else 1)
+    assert server.sample("echo_connections_closed_total", reason="error") == 0
     assert server.stats.queued.value == 0 and server.stats.busy.value == 0
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_job_the_pool_refuses_is_submitted_again(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool refuses the job outright (out of memory before it queued anything): the
+    # ready connection waits in the queue, and the loop submits again on its next tick.
+    with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
+        inner = server.service.server
+        assert isinstance(inner, PoolServer) and inner.ready is not None
+        queue = inner.ready._queue
+        fault = RaiseOnce(inner.submit, MemoryError())
+        monkeypatch.setattr(inner, "submit", fault)
+        sock.sendall(b"the turn whose job is refused")
+        sock.settimeout(EVENTUALLY)
+        assert recv_exactly(sock, 29) == b"the turn whose job is refused"
+        assert fault.fired.is_set()
+        assert_still_served(sock, server)
+    assert server.clean
+    assert queue.jobs == 0, "a refused job still counted"
+    wait_until(lambda: balanced(server), what="every connection closed and counted once")
+    assert server.sample("echo_connections_closed_total", reason="error") == 0
 
 
 @pytest.mark.parametrize("model", BOUNDED)
