@@ -29,6 +29,18 @@ class Connection:
         self.admitted = now
         self.received = 0  # bytes over its life: what it is worth at the cap
 
+    def settle(self, received: int, sent: int, outcome: str, now: float) -> int:
+        """After a turn: restart the clocks; the echo left unsent. A writer's stall runs
+        from its last progress, or from when it began writing: a turn that enters
+        `write` having sent nothing starts the clock, and does not inherit an older
+        turn's."""
+        if received:
+            self.last_active = now
+            self.received += received
+        if sent or outcome != "write" or not self.woke_writable:
+            self.stalled_since = now
+        return len(self.unsent)
+
 
 def over_budget(writers: Iterable[Connection], pending: int, budget: int) -> list[Connection]:
     """The writers to close to bring `pending` bytes of unsent echoes within `budget`: the
@@ -53,3 +65,16 @@ def worth_until(admitted: float, received: int, min_rate: int) -> float:
     of those that do not, the newest go last (an honest newcomer has had the least
     time to send)."""
     return admitted + received / min_rate
+
+
+def served_first(conn: Connection, min_rate: int, now: float) -> bool:
+    """Whether a ready connection goes ahead of the others in the pool's queue: one that
+    keeps to the minimum rate (`worth_until` is still to come), or one not served yet
+    (a newcomer's first message); every one when there is no minimum rate. Under more
+    load than the pool can take, those behind the rate wait, and the others do not wait
+    behind them."""
+    return (
+        not min_rate
+        or conn.received == 0
+        or worth_until(conn.admitted, conn.received, min_rate) > now
+    )

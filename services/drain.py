@@ -7,10 +7,19 @@ a job per connection only when the pool is idle. Submitting a job per connection
 cost a future, a lock and a thread wake-up for every message, and at the cap that was
 most of a turn (docs/performance.md, "The loop's system calls").
 
+And no more jobs than the GIL can use: a turn never blocks except to linger (wait for
+the client's next message while no one else needs the worker), so beyond RUNNABLE jobs
+that do not linger, another job only passes the GIL to and fro: every system call of a
+turn lets go of it, and 32 runnable workers spent more time handing it over through
+the kernel than echoing (docs/performance.md, "The loop's system calls").
+
 What must stay true, with `_lock` held whenever it is read or changed: every queued
-connection has a job not serving anything that will take it, unless every worker has
-a job (`call_workers`). A job that takes a connection counts itself as serving in the
-same step, so the loop never counts on a job that is about to be busy.
+connection has a job not serving anything that will take it, or RUNNABLE jobs that
+do not linger will come back for it within a turn, unless every worker has a job
+(`call_workers`). A job that takes a connection counts itself as serving in the same
+step, so the loop never counts on a job that is about to be busy; a job that lingers
+says so (`linger`) before it waits. Jobs called while others lingered end after their
+turn once RUNNABLE others do not linger.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from functools import partial
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
+RUNNABLE = 4  # jobs that do not linger: enough to overlap their system calls on 2 cores
 
 
 def won(claim: list[object]) -> bool:
@@ -39,35 +49,44 @@ class ReadyQueue(Generic[Item]):
         self,
         workers: int,
         submit: Callable[[Callable[[], None]], None],
-        serve: Callable[[Item], None],
+        serve: Callable[[Item], bool],
     ) -> None:
+        self._first: deque[Item] = deque()  # served before any of `_items`
         self._items: deque[Item] = deque()
         self._lock = threading.Lock()
         self._workers = workers
         self._jobs = 0  # submitted and not ended
         self._serving = 0  # of them, those serving a connection now
+        self._lingering = 0  # of those, the ones whose turn has lingered
         self._submit = submit
-        self._serve = serve  # never raises
+        self._serve = serve  # never raises; True if the turn called `linger()`
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._first) + len(self._items)
 
     @property
     def jobs(self) -> int:
         return self._jobs
 
-    def put(self, item: Item) -> None:
-        """Queue an item; `call_workers()` then, once for a batch."""
-        self._items.append(item)
+    def linger(self) -> None:
+        """Called by a job's turn before it first waits for a client's next message."""
+        with self._lock:
+            self._lingering += 1
+
+    def put(self, item: Item, first: bool = False) -> None:
+        """Queue an item, to be served before every item not put `first`;
+        `call_workers()` then, once for a batch."""
+        (self._first if first else self._items).append(item)
 
     def call_workers(self) -> bool:
-        """Submit jobs until every queued item has a job free to take it, or every
-        worker has a job. False if the pool refused one (stopped, or out of memory):
-        the items wait for the next call."""
+        """Submit jobs until every queued item has a job free to take it, or RUNNABLE
+        jobs do not linger, or every worker has a job. False if the pool refused one
+        (stopped, or out of memory): the items wait for the next call."""
         while True:
             with self._lock:
                 free = self._jobs - self._serving
-                if self._jobs >= self._workers or len(self._items) <= free:
+                runnable = self._jobs - self._lingering
+                if self._jobs >= self._workers or len(self) <= free or runnable >= RUNNABLE:
                     return True
                 self._jobs += 1
             claim: list[object] = [self]
@@ -85,29 +104,37 @@ class ReadyQueue(Generic[Item]):
     def take_all(self) -> list[Item]:
         """Everything queued, for whoever closes them (the loop has ended)."""
         taken = []
-        while True:
-            try:
-                taken.append(self._items.popleft())
-            except IndexError:
-                return taken
+        for items in (self._first, self._items):
+            while True:
+                try:
+                    taken.append(items.popleft())
+                except IndexError:
+                    break
+        return taken
 
     def _drain(self, claim: list[object]) -> None:
         if not won(claim):
             return  # counted as never submitted
-        lock, items, serving = self._lock, self._items, 0
+        lock, first, items, serving, lingered = self._lock, self._first, self._items, 0, False
         while True:
             with lock:
                 self._serving -= serving
+                self._lingering -= lingered
+                if self._jobs - 1 - self._lingering >= RUNNABLE:
+                    # Jobs called while others lingered: enough of the rest do not linger
+                    # now, and will come back for what is queued.
+                    self._jobs -= 1
+                    return
                 try:
-                    item = items.popleft()
+                    item = first.popleft() if first else items.popleft()
                 except IndexError:
                     self._jobs -= 1
                     return
                 self._serving += 1
                 serving = 1
             try:
-                self._serve(item)
-            except BaseException:
+                lingered = self._serve(item)
+            except BaseException:  # it must not: then whether it lingered is unknown
                 with lock:
                     self._serving -= 1
                     self._jobs -= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,15 @@ RECEIVE_BUFFER = READ_SIZE
 _DONTWAIT = int(socket.MSG_DONTWAIT)  # an int, not the enum: it is or-ed on every message
 _PEEK = int(socket.MSG_PEEK)
 FLUSH_INTERVAL = 0.25  # seconds of traffic a connection counts locally before publishing
+_buffers = threading.local()
+
+
+def worker_buffer() -> memoryview:
+    """The calling thread's read buffer (`echo_turn`): one per worker, not per connection."""
+    buffer: memoryview | None = getattr(_buffers, "view", None)
+    if buffer is None:
+        buffer = _buffers.view = memoryview(bytearray(READ_SIZE))
+    return buffer
 
 
 def echo(
@@ -142,10 +152,11 @@ def close_reason_for(error: OSError) -> str:
 class Turn:
     """What one worker turn on a parked connection did (`ready` dispatch)."""
 
-    __slots__ = ("_published", "messages", "received", "sent")
+    __slots__ = ("_published", "lingered", "messages", "received", "sent")
 
     def __init__(self) -> None:
         self.received = self.sent = self.messages = 0
+        self.lingered = False  # it waited for a message at least once (`on_linger`)
         self._published = (0, 0, 0)
 
     def add(self, received: int, sent: int, messages: int) -> None:
@@ -167,7 +178,7 @@ class Turn:
         )
 
 
-def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for speed)
+def echo_turn(  # noqa: PLR0912, PLR0915 (the per-message loop stays in one frame, for speed)
     conn: socket.socket,
     buffer: memoryview,
     unsent: bytes,
@@ -178,6 +189,7 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
     turn: Turn,
     hold_back: bool = False,
     publish: Callable[[int, int, int], None] | None = None,
+    on_linger: Callable[[], None] | None = None,
 ) -> tuple[str, bytes]:
     """Echo what the client has sent without ever blocking on a send.
 
@@ -195,7 +207,8 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
     exception. The socket is in blocking mode for that; every other call passes
     MSG_DONTWAIT. A lingering turn may last as long as the client talks, so it hands
     its traffic to `publish(received, sent, messages)` every `FLUSH_INTERVAL`, as
-    `echo` does (`turn.unpublished()` is the rest, for the caller).
+    `echo` does (`turn.unpublished()` is the rest, for the caller). The first time it
+    decides to wait it calls `on_linger()`, then sets `turn.lingered`.
 
     With `hold_back` (the server's memory for unsent echoes is running short) it takes
     from the kernel only what it could echo: it peeks, sends, and then reads exactly
@@ -253,6 +266,9 @@ def echo_turn(  # noqa: PLR0912 (the per-message loop stays in one frame, for sp
                 if at_cap and not free:
                     return "read", b""
                 wait = linger and free
+                if wait and not turn.lingered and on_linger is not None:
+                    on_linger()
+                    turn.lingered = True
                 if wait and publish is not None:
                     now = clock()
                     if not next_flush:

@@ -4,10 +4,10 @@ while it has bytes to echo.
 The production shape (gunicorn's gthread, cheroot's ConnectionManager, Tomcat
 NIO): the event loop's thread owns every admitted connection while it waits,
 whether for bytes (`waiting`) or for a client that does not read to take its
-echo (`writing`). When one is ready the loop hands it to the pool (`queued`); a
-worker echoes what is there without waiting for more (`busy`), then hands it
-back through a queue and a wake-up, having armed it for its next event itself
-(`services/parked.py`: the loop makes no system call per message). So a
+echo (`writing`). When one is ready the loop queues it for the pool (`queued`,
+`services/drain.py`); a worker echoes what is there without waiting for more
+(`busy`), arms it for its next event (`services/parked.py`) and hands it back
+through a queue and a wake-up. So a
 waiting connection costs a descriptor and a few hundred bytes, never a thread,
 and N slow clients cannot hold a pool of N.
 
@@ -19,9 +19,7 @@ The loop also enforces what used to need a worker's blocking socket:
   from a client only what they could echo, and the rest waits in the kernel, where
   TCP's window holds the client back; over all of it (turns under way overshoot),
   the longest-stalled writer holding an echo is closed. So a flood of slow readers
-  cannot fill the memory, and is not made to churn either: closing slow readers to
-  make room let an attacker that reconnects at once cost the server a connection's
-  setup a millisecond (the containers fell behind at half a CPU);
+  can neither fill the memory nor make the server churn through reconnections;
 - the connection cap: at it, a newcomer takes the place of a waiting connection that
   is behind the minimum rate (it has sent fewer than `--min-rate` bytes a second over
   its life), the furthest behind first; if every connection keeps to the rate, the
@@ -36,17 +34,16 @@ import contextlib
 import logging
 import selectors
 import socket
-import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from services.concurrency import SharedCounter
-from services.connection import Connection, over_budget, worth_until
+from services.connection import Connection, over_budget, served_first, worth_until
 from services.deadlines import Deadlines
 from services.drain import ReadyQueue
-from services.echo import READ_SIZE, Turn, close_reason_for, echo_turn, set_kernel_timeout
+from services.echo import Turn, close_reason_for, echo_turn, set_kernel_timeout, worker_buffer
 from services.logs import RateLimitedLog, quietly
 from services.parked import INTEREST, READ, WRITE, ParkedSet
 from services.stats import persist
@@ -60,9 +57,8 @@ _PARKED = ("read", "write", "rest")  # what a connection handed back waits for
 _HANDBACKS_PER_WAKE = 4096  # so a flood of hand-backs cannot starve accept and timeouts
 _EVENTS_PER_WAKE = 1024  # likewise for events; the rest are there at the next select()
 # A writer that woke for writability and could send nothing waits this long before it is
-# watched again: under its own TCP memory pressure the kernel reports sockets writable
-# that take nothing, and watched again at once (or after 50 ms) 2,000 such writers kept
-# a worker and the loop spinning through tens of thousands of empty turns.
+# watched again: under TCP memory pressure the kernel reports writable sockets that take
+# nothing, and watching them again at once spins (docs/design.md).
 WRITABLE_REST = 0.5
 
 
@@ -87,7 +83,6 @@ class ReadyDispatch:
         self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
         self.taken_back = 0  # hand-backs taken (the watchdog's progress; the loop's thread)
-        self._buffers = threading.local()  # one read buffer per worker, not per connection
 
     # -- on the loop's thread ------------------------------------------------------------
 
@@ -186,8 +181,8 @@ class ReadyDispatch:
         try:
             persist(self._stats.move, state, self._stats.queued)
             state = self._stats.queued
-            conn.ready_at = time.monotonic()
-            self._queue.put(conn)
+            conn.ready_at = now = time.monotonic()
+            self._queue.put(conn, served_first(conn, self._config.min_rate, now))
         except MemoryError:
             self._close(conn, state, "error")
 
@@ -322,9 +317,10 @@ class ReadyDispatch:
 
     # -- on a worker's thread ------------------------------------------------------------
 
-    def serve_turn(self, conn: Connection) -> None:
-        """Echo what `conn` has for us, then hand it back to the loop or close it. Never
-        raises: whatever happens, the connection is parked again or closed and counted."""
+    def serve_turn(self, conn: Connection) -> bool:
+        """Echo what `conn` has for us, then hand it back to the loop or close it; True
+        if the turn lingered (`ReadyQueue.linger`). Never raises: whatever happens, the
+        connection is parked again or closed and counted."""
         stats = self._stats
         state = stats.queued
         turn = Turn()
@@ -339,7 +335,7 @@ class ReadyDispatch:
             else:
                 outcome, conn.unsent = echo_turn(
                     conn.sock,
-                    self._buffer(),
+                    worker_buffer(),
                     conn.unsent,
                     max_messages=self._config.turn_messages,
                     linger=bool(self._config.linger),
@@ -349,6 +345,7 @@ class ReadyDispatch:
                     # the rest in the kernel, where TCP's window holds the client back.
                     hold_back=stats.pending_output.value > self._config.output_budget // 2,
                     publish=self._publish,
+                    on_linger=self._queue.linger,
                 )
         except OSError as error:
             outcome = close_reason_for(error)
@@ -360,26 +357,15 @@ class ReadyDispatch:
             quietly(log.exception, "unexpected error while serving a connection")
         finally:
             try:
-                self._settle_turn(conn, turn, outcome, pending_before)
+                unsent = conn.settle(turn.received, turn.sent, outcome, time.monotonic())
+                if unsent != pending_before:
+                    persist(self._stats.pending_output.incr, unsent - pending_before)
                 if outcome == "write" and conn.woke_writable and not turn.sent:
                     outcome = "rest"  # woken for room that was not there: see WRITABLE_REST
                 self._after_turn(conn, state, outcome, turn)
             except MemoryError:
                 self._close(conn, state, "error")
-
-    def _settle_turn(self, conn: Connection, turn: Turn, outcome: str, pending_before: int) -> None:
-        """Restart the connection's clocks and count its unsent echo (its traffic is
-        counted with the step that parks or closes it). A writer's stall runs from its
-        last progress, or from when it began writing: a turn that enters `write` having
-        sent nothing starts the clock, and does not inherit an older turn's."""
-        now = time.monotonic()
-        if turn.received:
-            conn.last_active = now
-            conn.received += turn.received
-        if turn.sent or outcome != "write" or not conn.woke_writable:
-            conn.stalled_since = now
-        if len(conn.unsent) != pending_before:
-            persist(self._stats.pending_output.incr, len(conn.unsent) - pending_before)
+        return turn.lingered
 
     def _after_turn(self, conn: Connection, state: SharedCounter, outcome: str, turn: Turn) -> None:
         """Hand a connection (counted in `state`) back to the loop, or close it; count the
@@ -418,9 +404,3 @@ class ReadyDispatch:
         with this one kept: only then may a worker linger or go past a turn's cap."""
         stats = self._stats
         return stats.queued.glance <= self._config.workers - stats.busy.glance
-
-    def _buffer(self) -> memoryview:
-        buffer: memoryview | None = getattr(self._buffers, "view", None)
-        if buffer is None:
-            buffer = self._buffers.view = memoryview(bytearray(READ_SIZE))
-        return buffer

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.connection import worth_until
+from services.connection import Connection, served_first, worth_until
 from support import (
     BOUNDED,
     EVENTUALLY,
@@ -41,6 +41,17 @@ def test_a_client_that_keeps_to_the_minimum_rate_never_falls_behind() -> None:
         assert worth_until(admitted, seconds, MIN_RATE) < now
     # Of two that are behind, the newer goes last: it has had less time to send.
     assert worth_until(admitted, 0, MIN_RATE) < worth_until(admitted + 1, 0, MIN_RATE)
+
+
+def test_under_load_those_behind_the_rate_wait_and_newcomers_and_payers_do_not() -> None:
+    with socket.socket() as sock:
+        conn = Connection(sock, now=100.0)
+        assert served_first(conn, MIN_RATE, 200.0)  # a newcomer's first message
+        conn.received = 30  # a byte every few seconds: behind since 100.125
+        assert not served_first(conn, MIN_RATE, 200.0)
+        assert served_first(conn, 0, 200.0)  # no minimum rate: no one waits for it
+        conn.received = 1024 * 34  # 1 KiB every 3 s: ahead
+        assert served_first(conn, MIN_RATE, 200.0)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,16 @@
 """How ready connections reach the pool's workers (`services/drain.py`): a job only for
-an item no worker is free to take, and every job counted once."""
+an item no job is free to take, no more jobs that do not linger than RUNNABLE, and
+every job counted once."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import pytest
+
+import services.drain
 from services.drain import ReadyQueue
 from support import EVENTUALLY
 
@@ -20,24 +25,53 @@ class Pool:
         self.jobs.append(job)
 
 
-def test_a_job_per_item_up_to_the_workers_and_one_job_serves_them_all() -> None:
+def quick(served: list[int]) -> Callable[[int], bool]:
+    def serve(item: int) -> bool:
+        served.append(item)
+        return False
+
+    return serve
+
+
+def test_a_job_per_item_up_to_runnable_and_one_job_serves_them_all() -> None:
     pool, served = Pool(), list[int]()
-    queue: ReadyQueue[int] = ReadyQueue(2, pool.submit, served.append)
-    for item in range(5):
+    queue: ReadyQueue[int] = ReadyQueue(32, pool.submit, quick(served))
+    for item in range(10):
         queue.put(item)
     assert queue.call_workers()
-    assert len(pool.jobs) == 2 and queue.jobs == 2
+    assert len(pool.jobs) == services.drain.RUNNABLE == queue.jobs
     pool.jobs.pop()()  # one job takes everything queued, in order
-    assert served == [0, 1, 2, 3, 4] and queue.jobs == 1
-    pool.jobs.pop()()  # the other finds nothing, and ends
+    assert served == list(range(10)) and queue.jobs == services.drain.RUNNABLE - 1
+    while pool.jobs:  # the others find nothing, and end
+        pool.jobs.pop()()
     assert queue.jobs == 0
-    queue.put(5)
+    queue.put(10)
     assert queue.call_workers() and len(pool.jobs) == 1
+
+
+def test_items_put_first_are_served_before_the_others() -> None:
+    pool, served = Pool(), list[int]()
+    queue: ReadyQueue[int] = ReadyQueue(1, pool.submit, quick(served))
+    for item in range(3):
+        queue.put(item)
+    queue.put(10, first=True)
+    queue.put(11, first=True)
+    assert queue.call_workers() and len(queue) == 5
+    pool.jobs.pop()()
+    assert served == [10, 11, 0, 1, 2]
+
+
+def test_never_more_jobs_than_workers() -> None:
+    pool = Pool()
+    queue: ReadyQueue[int] = ReadyQueue(2, pool.submit, quick([]))
+    for item in range(10):
+        queue.put(item)
+    assert queue.call_workers() and len(pool.jobs) == 2
 
 
 def test_no_job_for_an_item_a_free_job_will_take() -> None:
     pool = Pool()
-    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, lambda _: None)
+    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, quick([]))
     queue.put(1)
     assert queue.call_workers() and len(pool.jobs) == 1
     queue.put(2)
@@ -45,29 +79,82 @@ def test_no_job_for_an_item_a_free_job_will_take() -> None:
     assert queue.call_workers() and len(pool.jobs) == 2
 
 
-def test_an_item_queued_while_every_job_serves_gets_a_job_of_its_own() -> None:
-    # A job busy with one item (a lingering worker) is not counted on for the next.
-    pool, started, release = Pool(), threading.Event(), threading.Event()
-
-    def serve(item: int) -> None:
-        if item == 1:
-            started.set()
-            release.wait(EVENTUALLY)
-
-    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, serve)
+@contextmanager
+def serving_first(queue: ReadyQueue[int], pool: Pool, started: threading.Event) -> Iterator[None]:
+    """Run the first job on a thread of its own until the block ends (it waits in its
+    turn on item 1 until then)."""
     queue.put(1)
     queue.call_workers()
     first = threading.Thread(target=pool.jobs.pop())
     first.start()
     try:
         assert started.wait(EVENTUALLY)
-        queue.put(2)
-        assert queue.call_workers() and len(pool.jobs) == 1
-        pool.jobs.pop()()
-        assert queue.jobs == 1  # the first still serves
+        yield
     finally:
-        release.set()
         first.join(EVENTUALLY)
+    assert not first.is_alive()
+
+
+@pytest.mark.parametrize("lingers", [True, False], ids=["lingering", "busy"])
+def test_an_item_queued_while_every_runnable_job_serves(
+    lingers: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With one runnable job allowed: a job that lingers (waits for its client) is not
+    # counted on for the next item, and another job is called; one that serves without
+    # lingering comes back for it within its turn, and no job is added.
+    monkeypatch.setattr(services.drain, "RUNNABLE", 1)
+    pool, started, release, served = Pool(), threading.Event(), threading.Event(), []
+
+    def serve(item: int) -> bool:
+        served.append(item)
+        if item == 1:
+            if lingers:
+                queue.linger()
+            started.set()
+            release.wait(EVENTUALLY)
+        return lingers and item == 1
+
+    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, serve)
+    with serving_first(queue, pool, started):
+        queue.put(2)
+        assert queue.call_workers()
+        assert len(pool.jobs) == (1 if lingers else 0)
+        if lingers:
+            pool.jobs.pop()()
+            assert served == [1, 2]
+        release.set()
+    assert served == [1, 2] and queue.jobs == 0
+
+
+def test_a_job_ends_after_its_turn_while_enough_others_do_not_linger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Called while the first lingered, a second job takes the queue; once the first
+    # stops lingering, one runnable job is enough, and the first ends without taking
+    # more (else every burst of lingering would leave extra jobs fighting for the GIL).
+    monkeypatch.setattr(services.drain, "RUNNABLE", 1)
+    pool, started, release = Pool(), threading.Event(), threading.Event()
+    served_by: list[tuple[int, str]] = []
+
+    def serve(item: int) -> bool:
+        served_by.append((item, threading.current_thread().name))
+        if item == 1:
+            queue.linger()
+            started.set()
+            release.wait(EVENTUALLY)
+        return item == 1
+
+    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, serve)
+    with serving_first(queue, pool, started):
+        queue.put(2)
+        queue.put(3)
+        assert queue.call_workers() and len(pool.jobs) == 1 and queue.jobs == 2
+        release.set()
+    assert queue.jobs == 1  # the first ended after its turn
+    pool.jobs.pop()()
+    first = served_by[0][1]
+    assert [item for item, _ in served_by] == [1, 2, 3]
+    assert all(name != first for _, name in served_by[1:])
     assert queue.jobs == 0
 
 
@@ -79,7 +166,7 @@ def test_a_refused_job_is_not_counted_and_the_items_wait() -> None:
             raise refusals.pop()
         pool.submit(job)
 
-    queue: ReadyQueue[int] = ReadyQueue(2, submit, lambda _: None)
+    queue: ReadyQueue[int] = ReadyQueue(2, submit, quick([]))
     queue.put(1)
     assert not queue.call_workers()
     assert queue.jobs == 0 and len(queue) == 1
@@ -94,7 +181,7 @@ def test_a_job_queued_by_a_submit_that_then_failed_runs_or_not_but_counts_once()
         raise MemoryError  # after queuing, as queue.Queue.put can
 
     served: list[int] = []
-    queue: ReadyQueue[int] = ReadyQueue(2, submit, served.append)
+    queue: ReadyQueue[int] = ReadyQueue(2, submit, quick(served))
     queue.put(1)
     assert not queue.call_workers()  # the submitter took the claim: never counted
     assert queue.jobs == 0
