@@ -327,7 +327,7 @@ class Server(ABC):
             conn.close()  # out of memory before it was counted: as if never accepted
             raise
         if not admitted:
-            conn.close()  # counted as rejected{queue_full}
+            conn.close()  # counted as rejected{queue_full} or {at_cap}
             return
         try:
             with self._open_lock:

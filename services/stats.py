@@ -31,7 +31,9 @@ from typing import Any, TypeVar
 
 from services.concurrency import SharedCounter, Step, locked, snapshot
 
-REJECT_REASONS = ("queue_full", "thread_start_failed", "out_of_memory", "dispatch_failed")
+# queue_full: connection dispatch's queue was full; at_cap: ready dispatch at its cap
+# found no connection behind the minimum rate to take the place of.
+REJECT_REASONS = ("queue_full", "at_cap", "thread_start_failed", "out_of_memory", "dispatch_failed")
 CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown", "evicted")
 # Latency buckets from 100 us: where a healthy pool's dispatch wait and a loopback echo
 # are (prometheus-client's default buckets start at 5 ms).
@@ -187,7 +189,7 @@ class ServerStats:
     def try_admit(self, capacity: int | None, parked: bool = False) -> bool:
         """Count an accepted connection and admit it (queued for a worker, or `parked`
         waiting for bytes), unless `capacity` are already in."""
-        full = self.rejected["queue_full"]
+        full = self.rejected["at_cap" if parked else "queue_full"]
         states = (self.queued, self.busy, self.waiting, self.writing)
         with locked(self.accepted, full, *states):
             self.accepted.add_locked(1)

@@ -102,7 +102,7 @@ def test_when_every_connection_is_worth_its_place_the_newcomer_is_refused(model:
     cap = 10
     with running(model, workers=2, max_connections=cap) as server, paying(server.address, cap):
         assert not is_served(server.address, timeout=EVENTUALLY)
-        assert server.stats.rejected["queue_full"].value == 1
+        assert server.stats.rejected["at_cap"].value == 1
         assert server.stats.closed["evicted"].value == 0
 
 
@@ -133,4 +133,4 @@ def test_with_no_minimum_rate_the_quietest_is_evicted_never_one_mid_echo(model: 
                 assert is_served(server.address)  # a newcomer is admitted
             assert recv_exactly(busy, len(payload)) == payload
             sender.join(EVENTUALLY)
-        assert server.sample("echo_connections_rejected_total", reason="queue_full") == 0
+        assert server.sample("echo_connections_rejected_total", reason="at_cap") == 0
