@@ -1,5 +1,6 @@
-"""How ready connections reach the pool's workers (`ready` dispatch): one queue, and a
-job on the pool only for a connection that no worker is free to take.
+"""How ready connections reach the pool's workers (`ready` dispatch): one queue (those
+that keep to the minimum rate first, `connection.served_first`), and a job on the pool
+only for a connection that no worker is free to take.
 
 A job takes connections from the queue until it is empty, so under load a worker goes
 from one turn to the next without being woken for each, and the loop hands the pool
@@ -10,7 +11,7 @@ most of a turn (docs/performance.md, "The loop's system calls").
 And no more jobs than the GIL can use: a turn never blocks except to linger (wait for
 the client's next message while no one else needs the worker), so beyond RUNNABLE jobs
 that do not linger, another job only passes the GIL to and fro: every system call of a
-turn lets go of it, and 32 runnable workers spent more time handing it over through
+turn lets go of it, and 22 runnable workers spent more time handing it over through
 the kernel than echoing (docs/performance.md, "The loop's system calls").
 
 What must stay true, with `_lock` held whenever it is read or changed: every queued
@@ -69,9 +70,12 @@ class ReadyQueue(Generic[Item]):
         return self._jobs
 
     def linger(self) -> None:
-        """Called by a job's turn before it first waits for a client's next message."""
+        """Called by a job's turn before it first waits for a client's next message: it
+        may have been counted on for what is queued, so another job is called if need
+        be (a refusal is retried by the loop's next call)."""
         with self._lock:
             self._lingering += 1
+        self.call_workers()
 
     def put(self, item: Item, first: bool = False) -> None:
         """Queue an item, to be served before every item not put `first`;

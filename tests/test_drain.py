@@ -12,7 +12,7 @@ import pytest
 
 import services.drain
 from services.drain import ReadyQueue
-from support import EVENTUALLY
+from support import EVENTUALLY, wait_until
 
 
 class Pool:
@@ -124,6 +124,34 @@ def test_an_item_queued_while_every_runnable_job_serves(
             assert served == [1, 2]
         release.set()
     assert served == [1, 2] and queue.jobs == 0
+
+
+def test_a_job_that_starts_to_linger_calls_another_for_what_it_was_counted_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(services.drain, "RUNNABLE", 1)
+    pool, started, lingering, release = (
+        Pool(), threading.Event(), threading.Event(), threading.Event()
+    )  # fmt: skip
+
+    def serve(item: int) -> bool:
+        if item == 1:
+            started.set()
+            lingering.wait(EVENTUALLY)
+            queue.linger()
+            release.wait(EVENTUALLY)
+        return item == 1
+
+    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, serve)
+    with serving_first(queue, pool, started):
+        queue.put(2)
+        assert queue.call_workers() and not pool.jobs  # the busy job will come back
+        lingering.set()  # ... but it lingers instead
+        wait_until(lambda: len(pool.jobs) == 1, what="another job called")
+        pool.jobs.pop()()
+        assert len(queue) == 0
+        release.set()
+    assert queue.jobs == 0
 
 
 def test_a_job_ends_after_its_turn_while_enough_others_do_not_linger(

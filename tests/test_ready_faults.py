@@ -4,6 +4,7 @@ allocator would raise it; no connection is lost, no loop wedged, every count rig
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import selectors
 import socket
@@ -125,11 +126,12 @@ def test_epoll_ctl_failing_when_a_worker_arms_a_connection_closes_and_counts_it(
         parked = parked_set(server)
         fault = RaiseOnce(parked.arm, OSError(errno.ENOMEM, "epoll_ctl"))
         monkeypatch.setattr(parked, "arm", fault)
-        # The turn that echoes this cannot arm the connection for its next message: the
+        # The next turn to end (the first message's, if its worker has not armed it
+        # yet, or this one's) cannot arm the connection for its next message: the
         # worker closes the connection, and counts it.
-        sock.sendall(b"not armed after this")
+        with contextlib.suppress(OSError):  # closed already
+            sock.sendall(b"not armed after this")
         sock.settimeout(EVENTUALLY)
-        assert recv_exactly(sock, 20) == b"not armed after this"
         assert closed_by_server(sock)
         assert fault.fired.is_set()
         monkeypatch.undo()
