@@ -26,9 +26,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 SCENARIOS = (
-    "idle", "slowloris", "slow-reader", "churn", "metrics-slowloris", "cap-steer", "botnet"
+    "idle", "slowloris", "slow-reader", "churn", "metrics-slowloris", "cap-steer", "botnet",
+    "fd-squeeze",
 )  # fmt: skip
-AT_THE_CAP = ("cap-steer", "botnet")  # hold the target's cap and a tenth more
+# Hold the target's cap and a tenth more; fd-squeeze also fills the metrics port with
+# idle clients (a side attack), so that descriptors run short before the cap is reached.
+AT_THE_CAP = ("cap-steer", "botnet", "fd-squeeze")
 TRICKLED = ("slowloris", "metrics-slowloris", *AT_THE_CAP)  # send a byte now and then
 BOTNET_SOURCES = 253  # botnet: from 127.0.0.2 to 127.0.0.254
 CONNECT_TIMEOUT = 5.0  # a handshake not done by then counts as refused
@@ -57,6 +60,10 @@ class AttackPlan:
     churn_in_flight: int = 64
     polite: bool = False  # never replace a connection the server dropped
     sources: int = 1  # source addresses, 127.0.0.2 onwards when more than one (botnet)
+    # Idle connections to a second port, kept like the rest once the first port has its
+    # count (fd-squeeze).
+    side_address: tuple[str, int] | None = None
+    side_connections: int = 0
     # The address is a container of the project, as Docker told it: a private address
     # is allowed too, and nothing else that is not loopback.
     container: bool = False
@@ -64,17 +71,12 @@ class AttackPlan:
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
             raise AttackRefused(f"scenario {self.scenario!r}: choose from {', '.join(SCENARIOS)}")
-        host = self.address[0]
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            raise AttackRefused(f"target {host!r}: give a loopback IP address") from None
-        if not (ip.is_loopback or (self.container and ip.is_private)):
-            raise AttackRefused(
-                f"target {host}: floods go to loopback addresses only"
-                + (" (or a container's private address)" if self.container else "")
-            )
-        if not 1 <= self.connections <= MAX_CONNECTIONS:
+        ip = self._allowed(self.address[0])
+        if self.side_address is not None:
+            self._allowed(self.side_address[0])
+        if self.side_connections < 0 or (self.side_connections and self.side_address is None):
+            raise AttackRefused("side connections need a side address, and are not negative")
+        if not 1 <= self.connections + self.side_connections <= MAX_CONNECTIONS:
             raise AttackRefused(f"connections: 1 to {MAX_CONNECTIONS}")
         if not 0 < self.duration <= MAX_DURATION:
             raise AttackRefused(f"duration: more than 0, at most {MAX_DURATION:g} s")
@@ -85,13 +87,27 @@ class AttackPlan:
         if self.sources > 1 and not (ip.version == 4 and ip.is_loopback):
             raise AttackRefused(
                 f"{self.scenario}: many source addresses (127.0.0.2 onwards) need a loopback "
-                f"IPv4 target, not {host}"
+                f"IPv4 target, not {ip}"
             )
+
+    def _allowed(self, host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise AttackRefused(f"target {host!r}: give a loopback IP address") from None
+        if not (ip.is_loopback or (self.container and ip.is_private)):
+            raise AttackRefused(
+                f"target {host}: floods go to loopback addresses only"
+                + (" (or a container's private address)" if self.container else "")
+            )
+        return ip
 
     @property
     def target_count(self) -> int:
         """Connections the attack keeps open (churn: keeps connecting)."""
-        return self.churn_in_flight if self.scenario == "churn" else self.connections
+        if self.scenario == "churn":
+            return self.churn_in_flight
+        return self.connections + self.side_connections
 
 
 @dataclass
@@ -115,12 +131,13 @@ class Attack(threading.Thread):
     def __init__(self, plan: AttackPlan) -> None:
         super().__init__(name=f"attack-{plan.scenario}", daemon=True)
         self.plan = plan
-        self._counts = AttackCounts(planned=plan.connections)
+        self._counts = AttackCounts(planned=plan.connections + plan.side_connections)
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._pending: dict[socket.socket, float] = {}  # connecting, since (monotonic)
         self._open: set[socket.socket] = set()
+        self._side: set[socket.socket] = set()  # of those pending or open, the side attack's
         self._trickle: deque[tuple[float, socket.socket]] = deque()
         self._attempts = 0
         self._tokens = 1.0  # new connections allowed now: a bucket filled at `rate`
@@ -175,7 +192,7 @@ class Attack(threading.Thread):
         elif plan.polite:
             wanted = plan.connections - self._attempts
         else:
-            wanted = plan.connections - len(self._open) - len(self._pending)
+            wanted = plan.target_count - len(self._open) - len(self._pending)
         for _ in range(max(0, min(wanted, int(self._tokens), 256))):
             self._tokens -= 1
             self._connect(now)
@@ -185,7 +202,15 @@ class Attack(threading.Thread):
         if self._attempts > self.plan.target_count:
             with self._lock:
                 self._counts.replaced += 1
-        sock = socket.socket(socket.AF_INET6 if ":" in self.plan.address[0] else socket.AF_INET)
+        # The side attack takes what the main one does not need: a server that keeps
+        # cutting side connections (the metrics endpoint past its client cap) must not
+        # draw the whole rate away from the port under attack.
+        address = self.plan.address
+        main = len(self._open) + len(self._pending) - len(self._side)
+        side = main >= self.plan.connections and len(self._side) < self.plan.side_connections
+        if side and self.plan.side_address is not None:
+            address = self.plan.side_address
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         sock.setblocking(False)
         if self.plan.sources > 1:  # the whole of 127.0.0.0/8 is this host's
             sock.bind((f"127.0.0.{2 + self._attempts % self.plan.sources}", 0))
@@ -196,14 +221,17 @@ class Attack(threading.Thread):
             # server's: 2,000 of them left to grow took 1.5 GiB of it).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-        code = sock.connect_ex(self.plan.address)
+        code = sock.connect_ex(address)
         if code not in (0, errno.EINPROGRESS):
             self._failed_connect(sock, code)
             return
+        if side:
+            self._side.add(sock)
         self._pending[sock] = now
         self._selector.register(sock, selectors.EVENT_WRITE)
 
     def _failed_connect(self, sock: socket.socket, code: int) -> None:
+        self._side.discard(sock)
         sock.close()
         with self._lock:
             self._counts.connect_failures += 1
@@ -240,6 +268,8 @@ class Attack(threading.Thread):
         if self.plan.scenario == "slow-reader":
             events = selectors.EVENT_WRITE  # write forever, never read
         self._selector.modify(sock, events)
+        if sock in self._side:
+            return  # idle: it only holds a descriptor of the server's
         if self.plan.scenario == "metrics-slowloris":
             self._send(sock, _HTTP_START)
         if self.plan.scenario in TRICKLED:
@@ -293,6 +323,7 @@ class Attack(threading.Thread):
     def _lost(self, sock: socket.socket) -> None:
         """The server closed or reset this connection; `_open_more` replaces it."""
         self._open.discard(sock)
+        self._side.discard(sock)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
         sock.close()
@@ -307,6 +338,7 @@ class Attack(threading.Thread):
             sock.close()
         self._pending.clear()
         self._open.clear()
+        self._side.clear()
         with self._lock:
             self._counts.open_now = 0
         self._selector.close()

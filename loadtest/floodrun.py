@@ -31,6 +31,7 @@ from loadtest.observe import (
     scrape_check,
 )
 from loadtest.verdict import DEFAULT_SETTLE, Limits, Summary, Timeline, judge_flood, recovered
+from services.budget import METRICS_CLIENTS
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ MAX_THINK = 30.0
 # At the cap the attacker touches each connection this many times per established
 # client's pause: always fresher than the honest clients.
 STEER_TOUCHES = 3
+# fd-squeeze: idle metrics clients past the endpoint's client cap, so that it holds all
+# it may (and keeps pushing the oldest out for the rest).
+SQUEEZE_BEYOND = 64
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,15 @@ class RunSettings:
         port. cap-steer and botnet hold more than the target's `capacity` (its connection
         cap, -1 for none) so that they sit at the cap throughout (a tenth more, at least
         20), touching each connection STEER_TOUCHES times per established client's
-        pause; botnet from BOTNET_SOURCES addresses."""
+        pause; botnet from BOTNET_SOURCES addresses; fd-squeeze with idle clients of
+        the metrics port past its client cap besides, so that the descriptors left for
+        the echo port are as few as the server's budget allows."""
         connections, trickle = self.connections, self.trickle_interval
         if scenario in AT_THE_CAP:
             trickle = self.think / STEER_TOUCHES
             if capacity > 0:
                 connections = max(connections, int(capacity) + max(int(capacity) // 10, 20))
+        squeeze = scenario == "fd-squeeze"
         return AttackPlan(
             scenario=scenario,
             address=target.metrics if scenario == "metrics-slowloris" else target.address,
@@ -85,6 +92,8 @@ class RunSettings:
             polite=self.polite,
             container=target.container,
             sources=BOTNET_SOURCES if scenario == "botnet" else 1,
+            side_address=target.metrics if squeeze else None,
+            side_connections=METRICS_CLIENTS + SQUEEZE_BEYOND if squeeze else 0,
         )
 
     def check(self) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from loadtest.attacks import AT_THE_CAP
 from loadtest.floodrun import FloodRun, RunSettings, Target
 from services.app import Service
 from services.config import Config
@@ -27,7 +28,7 @@ MODE_IDS = [f"{name}-{mode}" for name, mode in MODES]
 BOUNDED = [name for name, spec in MODELS.items() if spec.bounded]
 UNBOUNDED = [name for name, spec in MODELS.items() if not spec.bounded]
 # The attacks a thread per connection cannot survive (churn and the metrics port it can).
-UNBOUNDED_BREAKERS = ("idle", "slowloris", "slow-reader", "cap-steer", "botnet")
+UNBOUNDED_BREAKERS = ("idle", "slowloris", "slow-reader", *AT_THE_CAP)
 # Runs one flood and returns it (the `flooder` fixture: it also records the run).
 Flooder = Callable[[Target, str, RunSettings], FloodRun]
 
@@ -183,6 +184,16 @@ def held_open(sock: socket.socket) -> bool:
         return False
     finally:
         sock.setblocking(True)
+
+
+# `python -c LIMITED RLIMIT_NAME N ARGS...`: the server under that limit, soft and hard.
+LIMITED = """
+import resource, sys
+from services.app import main
+limit = int(sys.argv[2])
+resource.setrlimit(getattr(resource, sys.argv[1]), (limit, limit))
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 @contextlib.contextmanager

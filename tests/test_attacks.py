@@ -16,9 +16,10 @@ from contextlib import contextmanager
 import pytest
 
 import loadtest.flood
-from loadtest.attacks import Attack, AttackPlan, AttackRefused
-from loadtest.floodrun import RunSettings, Target
+from loadtest.attacks import MAX_CONNECTIONS, Attack, AttackPlan, AttackRefused
+from loadtest.floodrun import SQUEEZE_BEYOND, RunSettings, Target
 from loadtest.observe import Established
+from services.budget import METRICS_CLIENTS
 from support import EVENTUALLY, ROOT, running, wait_until
 
 CONNECTIONS = 20
@@ -276,3 +277,47 @@ def test_an_attack_at_the_cap_holds_a_tenth_more_than_the_cap_and_says_so() -> N
     stopped.start()
     stopped.join(EVENTUALLY)
     assert stopped.counts().planned == 1320 and stopped.counts().opened == 0  # the tables'
+
+
+def test_an_fd_squeeze_holds_the_metrics_port_past_its_cap_and_the_echo_port_past_its() -> None:
+    with (
+        socket.create_server(("127.0.0.1", 0), backlog=256) as echo,
+        socket.create_server(("127.0.0.1", 0), backlog=256) as metrics,
+    ):
+        target = Target("queue", echo.getsockname(), metrics.getsockname())
+        plan = RunSettings(connections=10, rate=400.0, duration=2.0).plan(
+            "fd-squeeze", target, capacity=20
+        )
+        assert plan.side_address == metrics.getsockname()
+        assert plan.side_connections == METRICS_CLIENTS + SQUEEZE_BEYOND
+        assert plan.connections == 40  # the cap and at least 20 more
+        small = AttackPlan(  # the same, small enough for a test's listeners
+            "fd-squeeze", plan.address, connections=30, rate=400.0, duration=2.0,
+            side_address=plan.side_address, side_connections=20,
+        )  # fmt: skip
+        attack = Attack(small)
+        attack.start()
+        accepted: list[socket.socket] = []
+        try:
+            for listener, count in ((metrics, 20), (echo, 30)):
+                listener.settimeout(EVENTUALLY)
+                for _ in range(count):
+                    accepted.append(listener.accept()[0])
+            wait_until(lambda: attack.counts().open_now == 50, what="all 50 open")
+        finally:
+            attack.stop()
+            attack.join(EVENTUALLY)
+            for conn in accepted:
+                conn.close()
+        assert attack.counts().planned == 50
+
+
+def test_a_side_attack_is_held_to_the_same_addresses() -> None:
+    with pytest.raises(AttackRefused, match="loopback addresses only"):
+        AttackPlan("fd-squeeze", ("127.0.0.1", 1), side_address=("10.0.0.1", 9101),
+                   side_connections=5)  # fmt: skip
+    with pytest.raises(AttackRefused, match="side connections need a side address"):
+        AttackPlan("fd-squeeze", ("127.0.0.1", 1), side_connections=5)
+    with pytest.raises(AttackRefused, match="connections: 1 to"):
+        AttackPlan("fd-squeeze", ("127.0.0.1", 1), connections=MAX_CONNECTIONS,
+                   side_address=("127.0.0.1", 2), side_connections=1)  # fmt: skip

@@ -19,9 +19,11 @@ from loadtest.attacks import AT_THE_CAP, SCENARIOS
 from loadtest.breaking import LIMIT_STEPS, find_limit
 from loadtest.flood import FloodRun, RunSettings, Target
 from loadtest.observe import Sample
+from services.budget import default_cap
 from services.launcher import UNDER_AS_LIMIT
 from support import (
     BOUNDED,
+    LIMITED,
     ROOT,
     UNBOUNDED,
     UNBOUNDED_BREAKERS,
@@ -110,7 +112,8 @@ def assert_bounded_and_serving(run: FloodRun, server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "scenario"), cases(BOUNDED, list(SCENARIOS), ("metrics-slowloris",))
+    ("model", "scenario"),
+    cases(BOUNDED, [s for s in SCENARIOS if s != "fd-squeeze"], ("metrics-slowloris",)),
 )
 def test_ready_dispatch_holds_every_reconnecting_flood_with_8_workers(
     model: str, scenario: str, tmp_path: Path, flooder: Flooder
@@ -127,6 +130,33 @@ def test_ready_dispatch_holds_every_reconnecting_flood_with_8_workers(
         assert_bounded_and_serving(run, server)
         if scenario == "slow-reader":
             assert summary.closed.get("slow_reader", 0) >= 1, summary
+
+
+@pytest.mark.parametrize(("model", "scenario"), cases(BOUNDED, ["fd-squeeze"]))
+def test_with_1024_descriptors_a_full_metrics_port_does_not_squeeze_the_cap_out(
+    model: str, scenario: str, tmp_path: Path, flooder: Flooder
+) -> None:
+    """A common host default: 1,024 descriptors, soft and hard, so the cap is what the
+    metrics endpoint's clients and the server's own files leave (752). The metrics port
+    is held full past its client cap while the echo port is held past its cap: no
+    accept() fails for want of a descriptor, and newcomers still take the place of
+    those behind the minimum rate."""
+    limit = 1024
+    args = ("--model", model, *POOL_ARGS)
+    nofile = ("RLIMIT_NOFILE", str(limit))
+    with server_process(tmp_path, *args, code=LIMITED, code_args=nofile) as server:
+        assert metric(scrape(server.metrics_address), "echo_connection_capacity") == default_cap(
+            limit
+        )
+        run = flooder(target_of(server, model), scenario, settings(trickle_interval=1.0))
+        summary = run.summary
+        assert_landed(run, held=default_cap(limit), cut=True)
+        assert summary.verdict == "held", (summary.reasons, run.counts)
+        assert summary.established_success >= 0.99 and summary.established_cuts == 0
+        assert summary.closed.get("evicted", 0) >= 1, summary
+        assert_bounded_and_serving(run, server)
+        errors = scrape(server.metrics_address)
+        assert metric(errors, "echo_accept_errors_total", errno="EMFILE") == 0
 
 
 @pytest.mark.parametrize(("model", "scenario"), cases(BOUNDED, ["idle"]))

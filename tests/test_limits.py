@@ -20,6 +20,7 @@ from services.models import MODELS
 from support import (
     BOUNDED,
     EVENTUALLY,
+    LIMITED,
     MODE_IDS,
     MODES,
     ServerProcess,
@@ -34,14 +35,6 @@ from support import (
     server_process,
     wait_until,
 )
-
-LIMITED = """
-import resource, sys
-from services.app import main
-limit = int(sys.argv[2])
-resource.setrlimit(getattr(resource, sys.argv[1]), (limit, limit))
-sys.exit(main(sys.argv[3:]))
-"""
 
 
 @pytest.mark.faults
