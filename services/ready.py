@@ -161,11 +161,15 @@ class ReadyDispatch:
     def _arm_again(self) -> None:
         """Arm every parked connection again, and every one handed back: each may have
         had its event taken, and nothing else would serve it. Armed already, no harm."""
-        parked = [*self._waiting, *self._writing, *(conn for conn, _ in list(self._handbacks))]
-        for conn in parked:
-            if not conn.rests_until and self._parked.holds(conn):
+        parked = [
+            *((conn, READ) for conn in self._waiting),
+            *((conn, WRITE) for conn in self._writing if not conn.rests_until),
+            *((conn, INTEREST[why]) for conn, why in list(self._handbacks) if why in INTEREST),
+        ]
+        for conn, events in parked:
+            if self._parked.holds(conn):
                 with contextlib.suppress(OSError):  # closed meanwhile, or epoll_ctl failed
-                    self._parked.arm(conn, WRITE if conn in self._writing else READ)
+                    self._parked.arm(conn, events)
 
     def _ready(self, conn: Connection) -> None:
         """Queue a connection with an event for the pool (`_call_workers()` after a
