@@ -57,9 +57,10 @@ BENCH_ARGS ?=
 DISPATCH ?=
 # make up LINGER=seconds: how long a `ready` worker keeps a connection for its next message.
 LINGER ?=
-# make page-shot: where the screenshot goes, and how tall the window is.
+# make page-shot: where the screenshot goes, and the page's window (default: live, the
+# last 15 minutes; WINDOW='--start UNIX --end UNIX' for another).
 SHOT ?= docs/img/page-during-flood.png
-SHOT_HEIGHT ?= 6000
+WINDOW ?=
 
 # The images' Python (Debian bookworm's, and the pinned upstream one), for the wheels
 # staged into the locust image.
@@ -91,7 +92,7 @@ COMPOSE := $(COMPOSE_BIN) -p $(PROJECT)
 NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers here \
 (docker info failed); run the servers without containers: make up-local" >&2; exit 1; }
 
-.PHONY: help venv test test-fast test-faults test-floods lint fmt up-local load load-master load-worker load-cluster load-cluster-ui load-ui flood flood-limit bench images build-images engine up page page-shot down ps logs clean
+.PHONY: help venv test test-fast test-faults test-floods lint fmt up-local load load-master load-worker load-cluster load-cluster-ui load-ui flood flood-limit bench images build-images engine up page chromium page-shot down ps logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -212,18 +213,20 @@ up: engine images ## Start the stack (3 servers + Prometheus) and wait until eve
 	@echo "  the three models side by side (make page):"
 	@echo "    $$($(PY) -m services.dashboard)"
 
-page: venv ## Print the address of the Prometheus page that shows the three models side by side
+page: venv ## Print the address of the page that shows the three models side by side
 	@$(PY) -m services.dashboard
 
-page-shot: venv ## Screenshot that page with headless Chromium (SHOT=docs/img/...png; installs Debian's chromium as root)
+chromium: ## Install Debian's chromium (as root) unless it is there: page-shot and the page's tests
 	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
-		echo "page-shot: installing chromium" && apt-get update -qq && \
+		echo "chromium: installing Debian's package" && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		{ echo "page-shot: needs chromium (Debian's package)" >&2; exit 1; }
+		{ echo "chromium: needs Debian's chromium package (apt-get install chromium, as root)" >&2; exit 1; }
+
+page-shot: venv chromium ## Screenshot the page, one 1920x1080 screen, with headless Chromium (SHOT=, WINDOW=)
 	@mkdir -p $(dir $(SHOT))
-	@# --virtual-time-budget: let the page's scripts query and draw before the shot.
-	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,$(SHOT_HEIGHT) \
-		--virtual-time-budget=20000 --screenshot=$(SHOT) "$$($(PY) -m services.dashboard)" 2>/dev/null
+	@# --virtual-time-budget: let the page's script query and draw before the shot.
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1920,1080 \
+		--virtual-time-budget=20000 --screenshot=$(SHOT) "$$($(PY) -m services.dashboard $(WINDOW))" 2>/dev/null
 	@echo "page-shot: wrote $(SHOT)"
 
 down: ## Stop the stack and remove its containers, network and volume

@@ -10,4 +10,6 @@ ENTRYPOINT ["prometheus", \
     "--config.file=/etc/echo-cluster/prometheus.yml", \
     "--storage.tsdb.path=/prometheus", \
     "--storage.tsdb.retention.time=7d", \
+    "--web.console.templates=/etc/echo-cluster/consoles", \
+    "--web.console.libraries=/etc/echo-cluster/console_libraries", \
     "--web.listen-address=0.0.0.0:9090"]

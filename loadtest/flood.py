@@ -28,6 +28,7 @@ from loadtest.breaking import (
 from loadtest.containers import container_address
 from loadtest.floodrun import FloodRun, RunSettings, Target, ensure_descriptors, flood
 from loadtest.verdict import DEFAULT_SETTLE, VERDICTS, Limits
+from services import dashboard
 from services.config import OneLineParser
 
 __all__ = ["FloodRun", "RunSettings", "Target", "flood", "main"]
@@ -274,12 +275,21 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         return report_limits(points, args, out)
     for line in skipped(scenarios, targets):
         print(line, file=sys.stderr)
+    # With the stack up, its Prometheus watches the attack: the page, live and afterwards.
+    watched = not args.quiet and dashboard.prometheus_answers()
+    if watched:
+        print(f"watch it on one screen: {dashboard.page_url()}", file=sys.stderr)
+    started = time.time()
     runs = []
     for scenario, target in runs_of(scenarios, targets):
         runs.append(flood(target, scenario, settings, progress))
         if progress is not None:
             progress("")
-    return report(runs, args, out)
+    ended = time.time()
+    status = report(runs, args, out)
+    if watched:
+        print(f"the page over this flood: {dashboard.attack_url(started, ended)}", file=out)
+    return status
 
 
 def report(runs: list[FloodRun], args: argparse.Namespace, out: TextIO) -> int:

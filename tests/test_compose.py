@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -22,7 +24,7 @@ import pytest
 from loadtest.attacks import AT_THE_CAP, SCENARIOS
 from loadtest.containers import container_address
 from loadtest.flood import RunSettings, Target
-from services.dashboard import PANELS
+from services.dashboard import PAGE, Expression, expressions, page_url
 from services.models import MODELS
 from support import (
     ROOT,
@@ -38,6 +40,7 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
 PROJECT = "echo-cluster"
 PORTS = {name: spec.port for name, spec in MODELS.items()}
+PAGE_URL = page_url()
 
 
 def run(*command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -276,26 +279,6 @@ def test_reconnecting_floods_the_ready_pools_hold_and_threads_does_not(
         assert peak("echo_thread_start_failures_total")["threads"] > 0
 
 
-def test_the_page_shows_every_panel_for_all_three_models(stack: None) -> None:
-    page = run("make", "--no-print-directory", "page")
-    assert page.returncode == 0, page.stderr
-    url = page.stdout.strip()
-    assert url.startswith("http://127.0.0.1:9090/")
-    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (checked above)
-        assert response.status == 200
-    for panel in PANELS:
-
-        def models(expr: str = panel.expr) -> set[str]:
-            result = prometheus("/api/v1/query", query=expr)["data"]["result"]
-            return {series["metric"].get("model", "") for series in result}
-
-        wait_until(
-            lambda: models() >= set(PORTS),
-            timeout=60,
-            what=f"{panel.title!r} to show all three models",
-        )
-
-
 UNPULLABLE = "echo-cluster.invalid/unpullable:never"
 
 
@@ -375,6 +358,50 @@ def test_the_load_web_ui_runs_with_its_workers_until_interrupted(stack: None) ->
 
     # Ctrl-C ends make at once; the script's clean-up finishes just after.
     wait_until(lambda: not load_containers(), timeout=60, what="the load containers to go")
+
+
+def test_the_page_shows_every_expression_for_all_three_models(stack: None) -> None:
+    page = run("make", "--no-print-directory", "page")
+    assert page.returncode == 0, page.stderr
+    assert page.stdout == f"{PAGE_URL}\n"
+    with urllib.request.urlopen(PAGE_URL, timeout=30) as response:  # noqa: S310 (http, ours)
+        assert response.status == 200
+        served = expressions(response.read().decode())
+    assert served == expressions(PAGE.read_text())  # the image serves this checkout's page
+    bounded = {name for name in PORTS if name != "threads"}
+    for expression in served:
+
+        def shown(expression: Expression = expression) -> bool:
+            # What the page's 15 minutes hold (offered load: the load tests above).
+            query = f"max_over_time(({expression.expr})[15m:])"
+            result = prometheus("/api/v1/query", query=query)["data"]["result"]
+            models = {series["metric"].get("model", "") for series in result}
+            if expression.kind == "threshold":  # job-wide (""), or a bounded pool's own
+                return bool(models) and models <= bounded | {""}
+            return models >= set(PORTS)
+
+        wait_until(shown, timeout=60, what=f"{expression} for all three models")
+
+
+def test_the_page_draws_every_graph_in_a_browser(stack: None) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must draw the page: .ci/run installs chromium (make chromium)")
+        pytest.skip("no chromium here (make chromium installs Debian's)")
+    browse = run(
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1920,1080",
+        "--virtual-time-budget=20000", "--dump-dom", PAGE_URL, timeout=120,
+    )  # fmt: skip
+    dom = browse.stdout
+    assert 'data-drawn="' in dom, browse.stderr[-2000:]  # the script ran to its end
+    heads = re.findall(r'<div class="head (?:ok|warn|page|down)">.*?<div class="name">(\w+)<', dom)
+    assert sorted(heads) == sorted(PORTS)
+    graphs = len({e.where for e in expressions(PAGE.read_text()) if e.kind == "line"})
+    assert dom.count('<div class="cell">') == graphs * len(PORTS)
+    assert dom.count('<div class="cell"><svg') == graphs * len(PORTS)  # each drew
+    assert 'class="error"' not in dom
+    assert "<polyline" in dom
 
 
 def test_make_down_leaves_nothing_behind(stack: None) -> None:
