@@ -63,6 +63,7 @@ class Server(ABC):
         self._backoff = 0.0  # seconds to stop accepting after descriptors ran out
         self._paused_until = 0.0  # monotonic; 0 while listening
         self._woken = False
+        self.loop_woke_at = 0.0  # monotonic: when the loop's last select() returned
         # Where an admitted connection is counted first: waiting in the loop, or queued.
         self._entry = self.stats.waiting if config.parks else self.stats.queued
 
@@ -214,7 +215,9 @@ class Server(ABC):
         timeout = min(_TICK, self.next_deadline(now) - now)
         if self._paused_until:
             timeout = min(timeout, self._paused_until - now)
-        for key, mask in selector.select(max(timeout, 0.0)):
+        events = selector.select(max(timeout, 0.0))
+        self.loop_woke_at = time.monotonic()
+        for key, mask in events:
             self._run_callback(key, mask)
         self.on_loop_tick(time.monotonic())
 

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from services import procfs
 from services.base import Server
+from services.stats import Histogram
 from services.watchdog import Watchdog
 
 log = logging.getLogger("echo.metrics")
@@ -95,12 +96,16 @@ class EchoCollector(Collector):
             "Echoes the clients have not taken yet (ready dispatch).",
             server.stats.pending_output.value,
         )
-        buckets, total = server.stats.dispatch_wait.cumulative()
-        yield HistogramMetricFamily(
-            "echo_dispatch_wait_seconds",
+        yield _histogram(
+            "dispatch_wait",
             "From a connection turning readable to a worker starting on it (ready dispatch).",
-            buckets=buckets,
-            sum_value=total,
+            server.stats.dispatch_wait,
+        )
+        yield _histogram(
+            "loop_lag",
+            "From the event loop waking to its last hand-over to the pool in that wake "
+            "(ready dispatch): the wait before dispatch_wait.",
+            server.stats.loop_lag,
         )
         if (queue := server.accept_queue()) is not None:
             yield _gauge(
@@ -155,6 +160,13 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"echo_{name}", documentation, value=value)
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    buckets, total = histogram.cumulative()
+    return HistogramMetricFamily(
+        f"echo_{name}_seconds", documentation, buckets=buckets, sum_value=total
+    )
 
 
 def _labeled_counter(

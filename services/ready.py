@@ -157,6 +157,8 @@ class ReadyDispatch:
         for conn in ready:
             self._ready(conn)
         self._call_workers()
+        if ready:
+            self._stats.loop_lag.observe(time.monotonic() - self._server.loop_woke_at)
 
     def _arm_again(self) -> None:
         """Arm every parked connection again, and every one handed back: each may have

@@ -168,6 +168,9 @@ class ServerStats:
         self.pending_output = SharedCounter()  # bytes of echoes the clients have not taken
         # Seconds from a connection turning readable to a worker starting on it.
         self.dispatch_wait = Histogram(SUB_MS_BUCKETS)
+        # Seconds from the event loop's wake-up to its last hand-over to the pool in that
+        # wake (ready dispatch): what a readable connection waits before dispatch_wait.
+        self.loop_lag = Histogram(SUB_MS_BUCKETS)
         self.rejected = LabeledCounter(REJECT_REASONS)
         self.closed = LabeledCounter(CLOSE_REASONS)
         self.received_bytes = SharedCounter()

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import services.parked
 import services.ready
 from services.connection import Connection, over_budget
 from services.echo import READ_SIZE, RECEIVE_BUFFER, Turn, echo_turn, set_kernel_timeout
@@ -292,6 +293,28 @@ def test_the_dispatch_wait_histogram_counts_every_turn(model: str) -> None:
         assert server.sample("echo_dispatch_wait_seconds_count") == turns
         assert server.sample("echo_dispatch_wait_seconds_bucket", le="+Inf") == turns
         assert server.sample("echo_dispatch_wait_seconds_sum") > 0
+
+
+def test_the_loop_lag_histogram_times_from_the_wake_up_to_the_hand_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The loop spends 30 ms between waking and taking the parked set's events: every
+    # observation must hold them (a clock started after the wake-up would not).
+    taken = services.parked.ParkedSet.ready
+
+    def slow_ready(self: services.parked.ParkedSet, most: int) -> list[Connection]:
+        time.sleep(0.03)
+        return taken(self, most)
+
+    monkeypatch.setattr(services.parked.ParkedSet, "ready", slow_ready)
+    with running("queue", workers=2, linger=0.0) as server, connect(server.address) as sock:
+        for n in range(5):  # no linger: every message is the loop's to hand over
+            assert roundtrip(sock, b"%d" % n) == b"%d" % n
+        wakes = server.sample("echo_loop_lag_seconds_count")
+        assert wakes >= 1
+        assert server.sample("echo_loop_lag_seconds_bucket", le="0.025") == 0
+        assert server.sample("echo_loop_lag_seconds_bucket", le="+Inf") == wakes
+        assert server.sample("echo_loop_lag_seconds_sum") >= 0.03 * wakes
 
 
 @pytest.mark.parametrize("model", BOUNDED)
