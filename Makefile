@@ -60,6 +60,8 @@ LINGER ?=
 # make page-shot: where the screenshot goes, and the page's window (default: live, the
 # last 15 minutes; WINDOW='--start UNIX --end UNIX' for another).
 SHOT ?= docs/img/page-during-flood.png
+# The headless browser: Debian's chromium, else another Chromium the machine has.
+BROWSER ?= $(or $(shell command -v chromium chromium-browser google-chrome 2>/dev/null | head -1),chromium)
 WINDOW ?=
 
 # The images' Python (Debian bookworm's, and the pinned upstream one), for the wheels
@@ -95,7 +97,9 @@ NEED_ENGINE = @docker info >/dev/null 2>&1 || { echo "no Docker Engine answers h
 .PHONY: help venv test test-fast test-faults test-floods lint fmt up-local load load-master load-worker load-cluster load-cluster-ui load-ui flood flood-limit bench images build-images engine up page chromium page-shot down ps logs clean
 
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
+		'{ name[NR] = $$1; text[NR] = $$2; if (length($$1) > width) width = length($$1) } \
+		END { for (i = 1; i <= NR; i++) printf "  make %-" width "s  %s\n", name[i], text[i] }'
 
 venv: $(STAMP) ## Create .venv and install the project with its dev extras
 
@@ -216,8 +220,8 @@ up: engine images ## Start the stack (3 servers + Prometheus) and wait until eve
 page: venv ## Print the address of the page that shows the three models side by side
 	@$(PY) -m services.dashboard
 
-chromium: ## Install Debian's chromium (as root) unless it is there: page-shot and the page's tests
-	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+chromium: ## Install Debian's chromium (as root) unless a Chromium is there: page-shot and the page's test
+	@$(BROWSER) --version >/dev/null 2>&1 || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
 		echo "chromium: installing Debian's package" && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		{ echo "chromium: needs Debian's chromium package (apt-get install chromium, as root)" >&2; exit 1; }
@@ -225,7 +229,7 @@ chromium: ## Install Debian's chromium (as root) unless it is there: page-shot a
 page-shot: venv chromium ## Screenshot the page, one 1920x1080 screen, with headless Chromium (SHOT=, WINDOW=)
 	@mkdir -p $(dir $(SHOT))
 	@# --virtual-time-budget: let the page's script query and draw before the shot.
-	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1920,1080 \
+	$(BROWSER) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1920,1080 \
 		--virtual-time-budget=20000 --screenshot=$(SHOT) "$$($(PY) -m services.dashboard $(WINDOW))" 2>/dev/null
 	@echo "page-shot: wrote $(SHOT)"
 

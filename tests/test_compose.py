@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 PROJECT = "echo-cluster"
 PORTS = {name: spec.port for name, spec in MODELS.items()}
 PAGE_URL = page_url()
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")  # as the Makefile's BROWSER
 
 
 def run(*command: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -384,7 +385,7 @@ def test_the_page_shows_every_expression_for_all_three_models(stack: None) -> No
 
 
 def test_the_page_draws_every_graph_in_a_browser(stack: None) -> None:
-    chromium = shutil.which("chromium")
+    chromium = next(filter(None, map(shutil.which, BROWSERS)), None)
     if chromium is None:
         if os.environ.get("CI") == "true":
             pytest.fail("CI must draw the page: .ci/run installs chromium (make chromium)")

@@ -1,0 +1,66 @@
+"""The README's tables say what the code does: every make target and every server flag,
+each with its environment variable, and nothing that is not there."""
+
+from __future__ import annotations
+
+import re
+
+from services.config import build_parser
+from support import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def makefile_targets() -> set[str]:
+    """The targets `make help` lists (a `## ` description makes a target public)."""
+    text = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"^([a-z][a-z-]*):[^\n]*## ", text, flags=re.MULTILINE))
+
+
+def readme_targets(text: str = README) -> set[str]:
+    """The targets named in the first cell of the README's make-target table."""
+    cells = re.findall(r"^\| ((?:`make [a-z-]+`(?:, )?)+) +\|", text, flags=re.MULTILINE)
+    return {name for cell in cells for name in re.findall(r"`make ([a-z-]+)`", cell)}
+
+
+def server_flags() -> dict[str, str]:
+    """Every flag `python -m services` takes, with the variable it falls back to (what
+    `parse_config` reads: ECHO_ and the flag's destination)."""
+    return {
+        option: "ECHO_" + action.dest.upper()
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+
+
+def readme_flags(text: str = README) -> dict[str, str]:
+    """The flag table's rows: `--flag`s in the first cell, `ECHO_*`s in the second."""
+    found: dict[str, str] = {}
+    for first, second in re.findall(r"^\| (`--[^|]+?) +\| (`ECHO_[^|]+?) +\|", text, re.M):
+        flags = re.findall(r"`(--[a-z-]+)`", first)
+        names = re.findall(r"`(ECHO_[A-Z_]+)`", second)
+        assert len(flags) == len(names), (first, second)
+        found |= dict(zip(flags, names, strict=True))
+    return found
+
+
+def test_the_target_table_lists_every_public_target_and_no_other() -> None:
+    assert readme_targets() == makefile_targets()
+
+
+def test_the_flag_table_lists_every_flag_with_its_variable_and_no_other() -> None:
+    assert readme_flags() == server_flags()
+
+
+def test_a_stale_table_would_be_caught() -> None:
+    # The readers are not vacuous: a missing row, or a row for nothing, is seen.
+    assert readme_targets("| `make ps`, `make logs` | ... |\n| `make up`  | ... |") == {
+        "ps",
+        "logs",
+        "up",
+    }
+    assert "page" in makefile_targets() and "help" in readme_targets()
+    row = "| `--turn-messages`, `--linger` | `ECHO_TURN_MESSAGES`, `ECHO_LINGER` | 16 | x |"
+    assert readme_flags(row) == {"--turn-messages": "ECHO_TURN_MESSAGES", "--linger": "ECHO_LINGER"}
+    assert readme_flags(README.replace("| `--backlog`", "| `--back-log`")) != server_flags()
