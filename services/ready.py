@@ -80,6 +80,7 @@ class ReadyDispatch:
         # Waiting connections by when they stop being worth their place (`make_room`).
         self._worth: Deadlines[Connection] = Deadlines()
         self._handbacks: deque[tuple[Connection, str]] = deque()  # from workers
+        self._one: list[Connection | None] = [None]  # `_ready`'s batch of one
         self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
         self.taken_back = 0  # hand-backs taken (the watchdog's progress; the loop's thread)
@@ -150,12 +151,11 @@ class ReadyDispatch:
 
     def _on_events(self, _parked: ParkedSet, _mask: int) -> None:
         try:
-            ready = self._parked.ready(_EVENTS_PER_WAKE)
+            ready: list[Connection | None] = list(self._parked.ready(_EVENTS_PER_WAKE))
         except MemoryError:  # after epoll_wait took the events, they are lost with the list
             self._arm_again()
             raise
-        for conn in ready:
-            self._ready(conn)
+        self._queue_ready(ready)
         self._call_workers()
         if ready:
             self._stats.loop_lag.observe(time.monotonic() - self._server.loop_woke_at)
@@ -174,23 +174,61 @@ class ReadyDispatch:
                     self._parked.arm(conn, events)
 
     def _ready(self, conn: Connection) -> None:
-        """Queue a connection with an event for the pool (`_call_workers()` after a
-        batch). Never raises: its event is taken, and a connection that is neither
-        served nor closed would wait forever."""
-        if conn not in self._waiting and conn not in self._writing:
-            # Handed back but not taken back yet (its worker armed it before handing it
-            # back): served once it is; or closed earlier in the same batch.
-            conn.early = True
-            return
-        conn.woke_writable = not self._unpark(conn)
-        state = self._stats.writing if conn.woke_writable else self._stats.waiting
+        """Queue one connection with an event for the pool (see `_queue_ready`)."""
+        self._one[0] = conn  # a list made beforehand: this allocates nothing
+        self._queue_ready(self._one)
+
+    def _queue_ready(self, ready: list[Connection | None]) -> None:
+        """Queue connections with an event for the pool (`_call_workers()` after), and
+        count them in one step per state they leave, not one per connection: at the
+        cap, the loop's thread is what every connection waits for. Never raises: each
+        event is taken, and a connection neither served nor closed would wait forever.
+        Overwrites `ready` (None for each connection it does not queue)."""
+        readers, writers = self._unpark_ready(ready)
+        self._count_queued(ready, self._stats.waiting, readers, writable=False)
+        self._count_queued(ready, self._stats.writing, writers, writable=True)
+        now = time.monotonic()
+        for i, conn in enumerate(ready):
+            if conn is None:
+                continue
+            ready[i] = None  # `_one` keeps no connection alive
+            conn.ready_at = now
+            try:
+                self._queue.put(conn, served_first(conn, self._config.min_rate, now))
+            except MemoryError:
+                self._close(conn, self._stats.queued, "error")
+
+    def _unpark_ready(self, ready: list[Connection | None]) -> tuple[int, int]:
+        """Take the parked ones out of their sets; how many were reading, and writing."""
+        readers = writers = 0
+        for i, conn in enumerate(ready):
+            if conn is None:
+                continue
+            if conn not in self._waiting and conn not in self._writing:
+                # Handed back but not taken back yet (its worker armed it before handing
+                # it back): served once it is; or closed earlier in the same batch.
+                conn.early = True
+                ready[i] = None
+                continue
+            conn.woke_writable = not self._unpark(conn)
+            if conn.woke_writable:
+                writers += 1
+            else:
+                readers += 1
+        return readers, writers
+
+    def _count_queued(
+        self, ready: list[Connection | None], source: SharedCounter, count: int, writable: bool
+    ) -> None:
+        """Count `count` connections from `source` as queued; closes them if that fails."""
         try:
-            persist(self._stats.move, state, self._stats.queued)
-            state = self._stats.queued
-            conn.ready_at = now = time.monotonic()
-            self._queue.put(conn, served_first(conn, self._config.min_rate, now))
+            if count:
+                persist(self._stats.move, source, self._stats.queued, count)
         except MemoryError:
-            self._close(conn, state, "error")
+            for i, conn in enumerate(ready):
+                if conn is not None and conn.woke_writable is writable:
+                    self._close(conn, source, "error")
+                    ready[i] = None
 
     def _submit(self, job: Callable[[], None]) -> None:
         self._server.submit(job)  # the pool's, looked up at each call

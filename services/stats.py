@@ -202,12 +202,12 @@ class ServerStats:
             (self.waiting if parked else self.queued).add_locked(1)
             return True
 
-    def move(self, source: SharedCounter, target: SharedCounter) -> None:
-        """One connection from one state (or reason) to another, as one step."""
+    def move(self, source: SharedCounter, target: SharedCounter, count: int = 1) -> None:
+        """Connections from one state (or reason) to another, as one step."""
         step = self._moves.get((source, target))
         if step is None:  # the first such move; two threads may both make one, harmlessly
             step = self._moves.setdefault((source, target), Step(source, target))
-        step(-1, 1)
+        step(-count, count)
 
     def on_start(self) -> None:
         self._start(-1, 1, 1)

@@ -169,6 +169,46 @@ def test_events_lost_to_a_memory_error_after_epoll_wait_are_served_all_the_same(
 
 
 @pytest.mark.parametrize("model", BOUNDED)
+def test_a_batch_that_cannot_be_counted_as_queued_is_closed_and_counted(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop counts a wake's ready connections as queued in one step. If that step
+    # keeps failing (memory), they are out of the parked set and not in the queue:
+    # without closing them, they would wait for an echo until the idle timeout.
+    with running(model, workers=2, linger=0.0, idle_timeout=300.0) as server:
+        stats = server.stats
+        clients = [connect(server.address) for _ in range(4)]
+        try:
+            for sock in clients:
+                assert roundtrip(sock, b"parked") == b"parked"
+            failing = threading.Event()
+            move = stats.move
+
+            def out_of_memory(source: Any, target: Any, count: int = 1) -> None:
+                if failing.is_set() and source is stats.waiting and target is stats.queued:
+                    raise MemoryError
+                move(source, target, count)
+
+            monkeypatch.setattr(stats, "move", out_of_memory)
+            failing.set()
+            for sock in clients:
+                sock.sendall(b"never counted")
+            for sock in clients:
+                assert closed_by_server(sock)
+            failing.clear()
+            wait_until(
+                lambda: server.sample("echo_connections_closed_total", reason="error") == 4,
+                what="the four closed as errors",
+            )
+            with connect(server.address) as other:
+                assert roundtrip(other, b"next") == b"next"
+        finally:
+            for sock in clients:
+                sock.close()
+        wait_until(lambda: balanced(server), what="every connection closed and counted")
+
+
+@pytest.mark.parametrize("model", BOUNDED)
 def test_epoll_ctl_failing_when_the_listener_comes_back_only_backs_off_longer(
     model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
