@@ -64,3 +64,17 @@ def test_a_stale_table_would_be_caught() -> None:
     row = "| `--turn-messages`, `--linger` | `ECHO_TURN_MESSAGES`, `ECHO_LINGER` | 16 | x |"
     assert readme_flags(row) == {"--turn-messages": "ECHO_TURN_MESSAGES", "--linger": "ECHO_LINGER"}
     assert readme_flags(README.replace("| `--backlog`", "| `--back-log`")) != server_flags()
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    # The Guarantees table names the tests that prove each line: a renamed or removed
+    # test must not leave a promise without its proof.
+    named = set(re.findall(r"\b(test_[a-z0-9_]+)\b", README))
+    modules = sorted((ROOT / "tests").glob("test_*.py"))
+    defined = {path.stem for path in modules} | {
+        name
+        for path in modules
+        for name in re.findall(r"^def (test_[a-z0-9_]+)\(", path.read_text(), flags=re.M)
+    }
+    assert named, "the README names no test"
+    assert named <= defined, sorted(named - defined)
