@@ -4,10 +4,12 @@
 #
 #   docker/images.sh OFFLINE PYTHON_IMAGE PROMETHEUS_IMAGE PYTHON BUILD-COMMAND...
 #
-# build/images.stamp holds, from the last build: a hash of the inputs (every file the
-# Dockerfiles copy or run, the base images asked for, the staged packages' versions),
-# the base path decided then (OFFLINE 0 or 1) and the three images' IDs. When the inputs
-# and the images are the same, nothing is built and no registry is asked.
+# build/images.stamp holds, from the last build: a hash of the files (every file the
+# Dockerfiles copy or run, and the staged packages' versions), a hash of the base images
+# asked for, the base path decided then (OFFLINE 0 or 1) and the three images' IDs. When
+# what the images are built from and the images are the same, nothing is built; the
+# registry is asked only when the base images asked for have changed. On the Debian path
+# (OFFLINE=1) the names asked for play no part in what is built.
 set -euo pipefail
 
 offline_given=$1 python_image=$2 prometheus_image=$3 python=$4
@@ -15,9 +17,8 @@ shift 4
 STAMP=build/images.stamp
 IMAGES=(echo-cluster/echo:latest echo-cluster/prometheus:latest echo-cluster/locust:latest)
 
-inputs_key() {
+files_key() {
   {
-    printf '%s\n' "$python_image" "$prometheus_image"
     "$python" -c 'from importlib.metadata import version as v
 print(v("locust"), v("prometheus-client"))'
     find docker services loadtest prometheus .env .dockerignore -type f \
@@ -29,22 +30,28 @@ image_ids() {
   docker image inspect --format '{{.Id}}' "${IMAGES[@]}" 2>/dev/null | paste -sd, || echo missing
 }
 
-key=$(inputs_key)
-old_key="" old_offline="" old_ids=""
+# What the bases are: Debian's, built here, or the upstream images asked for.
+built_on() { if [ "$1" = 1 ]; then echo debian; else echo "$2"; fi; }
+
+files=$(files_key)
+asked=$(printf '%s\n' "$python_image" "$prometheus_image" | sha256sum | cut -c1-16)
+old_files="" old_asked="" old_offline="" old_ids=""
 if [ -s "$STAMP" ]; then
-  read -r old_key old_offline old_ids <"$STAMP" || true
+  read -r old_files old_asked old_offline old_ids <"$STAMP" || true
 fi
 
 offline=$offline_given
-if [ -z "$offline" ] && [ "$old_key" = "$key" ]; then
-  offline=$old_offline # decided for these very inputs: the registry is not asked again
+if [ -z "$offline" ] && [ "$old_asked" = "$asked" ] && [ -n "$old_offline" ]; then
+  offline=$old_offline # decided for these very bases: the registry is not asked again
 fi
 offline=$(bash docker/base-source.sh "$offline" "$python_image" "$prometheus_image")
 
-if [ "$old_key $old_offline $old_ids" = "$key $offline $(image_ids)" ]; then
-  echo "make images: up to date (inputs $key, OFFLINE=$offline); nothing to build"
+was="$old_files $(built_on "$old_offline" "$old_asked") $old_ids"
+now="$files $(built_on "$offline" "$asked") $(image_ids)"
+if [ "$was" = "$now" ]; then
+  echo "make images: up to date (files $files, OFFLINE=$offline); nothing to build"
   exit 0
 fi
 "$@" OFFLINE="$offline"
 mkdir -p "$(dirname "$STAMP")"
-echo "$key $offline $(image_ids)" >"$STAMP"
+echo "$files $asked $offline $(image_ids)" >"$STAMP"
