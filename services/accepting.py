@@ -1,8 +1,7 @@
-"""accept() for a server that runs out of descriptors and memory on purpose.
-
-Both listeners (the echo port and the metrics port) are flooded, so both share
-how an accept that fails is backed off, and an accept that cannot lose the
-descriptor it was given.
+"""accept() for a server that runs out of descriptors and memory on purpose: how an
+accept that fails is backed off, and an accept that cannot lose the descriptor it
+was given. Both listeners (the echo port and the metrics port) are flooded; the event
+loop (`services/loop.py`) uses both for each.
 """
 
 from __future__ import annotations
@@ -10,8 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import time
-from collections.abc import Callable
 
 # accept() fails with these when the process or the system runs out of descriptors or
 # memory; retrying at once would spin a core, so back off.
@@ -31,42 +28,6 @@ def next_backoff(code: int, backoff: float) -> float:
     """
     first = BACKOFF_FIRST if code in EXHAUSTION else BACKOFF_FIRST_OTHER
     return min(max(backoff * 2, first), BACKOFF_MAX)
-
-
-def listen_again(
-    register: Callable[[], object], backoff: float, warn: Callable[..., None], now: float
-) -> tuple[float, float]:
-    """Put a paused listener back in its selector (`register`): (paused until, back-off).
-    epoll_ctl can fail (ENOMEM, ENOSPC arrive as OSError): then the listener stays
-    paused a back-off longer, and the loop goes on (MemoryError is the loop's to take)."""
-    try:
-        register()
-    except OSError as error:
-        backoff = next_backoff(error.errno or errno.ENOMEM, backoff)
-        warn("cannot listen again (%s); backing off %.3f s", error, backoff)
-        return now + backoff, backoff
-    return 0.0, backoff
-
-
-def turn_until(
-    stopped: Callable[[], bool], turn: Callable[[], None], out_of_memory: Callable[[], None]
-) -> None:
-    """Run a loop's `turn` until `stopped()`, outliving turns that run out of memory.
-
-    select() and every hook allocate, so a loop that must outlive the floods cannot
-    let MemoryError end it; after such a turn it pauses as accept does (10 ms, doubling
-    to 1 s while memory stays out), which leaves the CPU and the GIL to the threads
-    whose ending frees memory: retrying at once kept the process starved.
-    """
-    pause = 0.0
-    while not stopped():
-        try:
-            turn()
-            pause = 0.0
-        except MemoryError:
-            out_of_memory()
-            pause = next_backoff(errno.ENOMEM, pause)
-            time.sleep(pause)
 
 
 def accept_connection(listener: socket.socket) -> socket.socket:

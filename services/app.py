@@ -17,7 +17,7 @@ from services.launcher import write_ready_file
 from services.logs import exit_now
 from services.metrics import build_registry
 from services.metrics_http import MetricsServer
-from services.pool import PoolServer
+from services.ready import ReadyDispatch
 from services.watchdog import Lane, Watchdog
 
 log = logging.getLogger("echo")
@@ -55,9 +55,8 @@ def build_watchdog(
         lanes.append(Lane("workers", stats.progress, lambda: stats.queued.value))
     else:
         log.info("watchdog: workers not watched (connection dispatch with a timeout off)")
-    if isinstance(server, PoolServer) and server.ready is not None:
+    if isinstance(ready := server.dispatch, ReadyDispatch):
         # Connections a worker handed back wait for the loop to park them again.
-        ready = server.ready
         lanes.append(Lane("hand-backs", lambda: ready.taken_back, lambda: ready.handbacks_waiting))
     return Watchdog(lanes, timeout, on_trip)
 

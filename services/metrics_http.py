@@ -34,14 +34,16 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from services.accepting import accept_connection, listen_again, next_backoff, turn_until
-from services.base import PortInUseError
+from services.base import bind_listener
 from services.budget import METRICS_CLIENTS
 from services.logs import RateLimitedLog, quietly
+from services.loop import Callback, EventLoop
 
 log = logging.getLogger("echo.metrics")
 
@@ -57,14 +59,17 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 class _Client:
-    __slots__ = ("deadline", "lingering", "request", "response", "sock")
+    __slots__ = ("deadline", "lingering", "on_event", "request", "response", "sock")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(
+        self, sock: socket.socket, deadline: float, handler: Callable[[_Client, Any, int], None]
+    ) -> None:
         self.sock = sock
         self.deadline = deadline
         self.request = b""
         self.response = b""  # set once the request is complete, emptied as it is sent
         self.lingering = False  # served: waiting for the client's end (LINGER_CLOSE)
+        self.on_event: Callback = partial(handler, self)  # what the loop calls for its events
 
     @property
     def reading(self) -> bool:
@@ -73,37 +78,25 @@ class _Client:
 
 
 class MetricsServer:
-    """Serves /metrics (and /) from one daemon thread."""
+    """Serves /metrics (and /) from one daemon thread, on its own event loop."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self._registry = registry
-        self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        try:
-            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._listener.bind((host, port))
-            self._listener.listen(1024)
-        except OSError as error:
-            self._listener.close()
-            if error.errno == errno.EADDRINUSE:
-                raise PortInUseError(
-                    error.errno, f"metrics port {host}:{port} is already in use"
-                ) from None
-            raise
-        self._listener.setblocking(False)
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
-        self._stop = threading.Event()
+        self._listener = bind_listener(host, port, "metrics", backlog=1024, buffers=False)
         self._clients: OrderedDict[socket.socket, _Client] = OrderedDict()  # oldest first
-        self._thread = threading.Thread(target=self._serve, name="echo-metrics", daemon=True)
         # The loop must outlive running out of memory, or Prometheus goes blind just when a
         # flood makes it worth watching; counted here, logged when the loop ends.
         self.memory_errors = 0
         self._warn = RateLimitedLog(log)
-        self._backoff = 0.0  # the accept back-off in force (seconds)
-        self._paused_until = 0.0  # when the listener is watched again (monotonic)
         self._body = b""  # the last rendering of the registry (BODY_REUSE)
         self._body_until = 0.0  # when it goes stale (monotonic)
+        try:
+            self._loop = EventLoop(_TICK, self._out_of_memory)
+        except BaseException:
+            self._listener.close()
+            raise
+        self._loop.every_turn(self._expire)
+        self._thread = threading.Thread(target=self._loop.run, name="echo-metrics", daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -111,13 +104,12 @@ class MetricsServer:
         return str(host), int(port)
 
     def start(self) -> None:
+        self._loop.listen(self._listener, self._accept, self._accept_failed)
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop serving; waits at most `timeout` (the loop never blocks on a client)."""
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self._wake_writer.send(b"\0")
+        self._loop.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if not self._thread.is_alive():
@@ -130,66 +122,31 @@ class MetricsServer:
             client.sock.close()
         self._clients.clear()
         self._listener.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
-
-    def _serve(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ)
-            selector.register(self._wake_reader, selectors.EVENT_READ)
-            turn_until(self._stop.is_set, partial(self._turn, selector), self._out_of_memory)
-
-    def _turn(self, selector: selectors.BaseSelector) -> None:
-        now = time.monotonic()
-        if self._paused_until and now >= self._paused_until:
-            register = partial(selector.register, self._listener, selectors.EVENT_READ)
-            self._paused_until, self._backoff = listen_again(
-                register, self._backoff, self._warn.warning, now
-            )
-        timeout = min(_TICK, self._paused_until - now) if self._paused_until else _TICK
-        for key, mask in selector.select(max(timeout, 0.0)):
-            if key.fileobj is self._listener:
-                try:
-                    self._backoff = self._accept(selector, self._backoff)
-                except MemoryError:  # back off as for running out of descriptors
-                    self._backoff = next_backoff(errno.ENOMEM, self._backoff)
-                    self._out_of_memory()
-                if self._backoff:
-                    selector.unregister(self._listener)
-                    self._paused_until = time.monotonic() + self._backoff
-            elif key.fileobj is not self._wake_reader:
-                try:
-                    self._on_client(selector, key.data, mask)
-                except MemoryError:  # out of memory (the floods do this): drop it
-                    self._drop(selector, key.data)
-                    self._out_of_memory()
-        self._expire(selector, time.monotonic())
+        self._loop.close()
 
     def _out_of_memory(self) -> None:
         with contextlib.suppress(MemoryError):  # counting past 256 allocates
             self.memory_errors += 1
 
-    def _accept(self, selector: selectors.BaseSelector, backoff: float) -> float:
-        for _ in range(64):
-            try:
-                sock = accept_connection(self._listener)
-            except (BlockingIOError, InterruptedError):
-                return 0.0
-            except OSError as error:  # every error backs off, as on the echo port
-                self._warn.warning("metrics accept failed: %s", error)
-                return next_backoff(error.errno or 0, backoff)
-            if len(self._clients) >= MAX_CONNECTIONS:
-                self._drop(selector, self._to_push_out())
+    def _accept_failed(self, code: int, backoff: float) -> None:
+        if code == errno.ENOMEM:
+            self._out_of_memory()
+        name = errno.errorcode.get(code, str(code))
+        self._warn.warning("metrics accept failed with %s; backing off %.3f s", name, backoff)
+
+    def _accept(self, sock: socket.socket) -> None:
+        """A new client; OSError (the loop backs off) when it cannot be watched."""
+        if len(self._clients) >= MAX_CONNECTIONS:
+            self._drop(self._to_push_out())
+        try:
             sock.setblocking(False)
-            client = _Client(sock, time.monotonic() + REQUEST_DEADLINE)
+            client = _Client(sock, time.monotonic() + REQUEST_DEADLINE, self._on_client)
             self._clients[sock] = client
-            try:
-                selector.register(sock, selectors.EVENT_READ, client)
-            except OSError as error:  # epoll_ctl: ENOMEM, ENOSPC; drop it, back off
-                self._drop(selector, client)
-                self._warn.warning("metrics: cannot watch a client: %s", error)
-                return next_backoff(error.errno or errno.ENOMEM, backoff)
-        return 0.0
+            self._loop.watch(sock, selectors.EVENT_READ, client.on_event)
+        except BaseException:  # epoll_ctl: ENOMEM, ENOSPC; memory
+            self._clients.pop(sock, None)
+            sock.close()
+            raise
 
     def _to_push_out(self) -> _Client:
         """The client to close for a newcomer: the oldest still sending its request, or
@@ -199,36 +156,41 @@ class MetricsServer:
             next(iter(self._clients.values())),
         )
 
-    def _on_client(self, selector: selectors.BaseSelector, client: _Client, mask: int) -> None:
-        if client.sock not in self._clients:  # dropped earlier, or half-dropped: finish it
-            self._drop(selector, client)
-            return
+    def _on_client(self, client: _Client, _sock: socket.socket, mask: int) -> None:
         try:
-            if client.lingering:
-                self._discard(selector, client)
+            if client.sock not in self._clients:  # dropped earlier, or half-dropped
+                self._drop(client)
+            elif client.lingering:
+                self._discard(client)
             elif mask & selectors.EVENT_READ:
-                self._read(selector, client)
+                self._read(client)
             elif client.response:
-                self._write(selector, client)
+                self._write(client)
         except OSError:
-            self._drop(selector, client)
+            self._drop(client)
+        except MemoryError:  # out of memory (the floods do this): drop it
+            self._drop(client)
+            self._out_of_memory()
 
-    def _read(self, selector: selectors.BaseSelector, client: _Client) -> None:
+    def _watch_for(self, client: _Client, events: int) -> None:
+        self._loop.rewatch(client.sock, events, client.on_event)
+
+    def _read(self, client: _Client) -> None:
         data = client.sock.recv(MAX_REQUEST)
         if not data:
-            self._drop(selector, client)
+            self._drop(client)
             return
         client.request += data
         end = _HEAD_END.search(client.request)
         if end is None:
             if len(client.request) >= MAX_REQUEST:
                 client.response = _response(431, b"request header fields too large\n")
-                selector.modify(client.sock, selectors.EVENT_WRITE, client)
+                self._watch_for(client, selectors.EVENT_WRITE)
             return
         client.response = self._respond(client.request[: end.start()])
         client.request = b""
-        selector.modify(client.sock, selectors.EVENT_WRITE, client)
-        self._write(selector, client)
+        self._watch_for(client, selectors.EVENT_WRITE)
+        self._write(client)
 
     def _respond(self, head: bytes) -> bytes:
         method, _, rest = head.partition(b"\n")[0].partition(b" ")
@@ -252,7 +214,7 @@ class MetricsServer:
             self._body_until = now + BODY_REUSE
         return self._body
 
-    def _write(self, selector: selectors.BaseSelector, client: _Client) -> None:
+    def _write(self, client: _Client) -> None:
         try:
             sent = client.sock.send(client.response)
         except BlockingIOError:
@@ -262,23 +224,22 @@ class MetricsServer:
             client.sock.shutdown(socket.SHUT_WR)
             client.lingering = True
             client.deadline = time.monotonic() + LINGER_CLOSE
-            selector.modify(client.sock, selectors.EVENT_READ, client)
+            self._watch_for(client, selectors.EVENT_READ)
 
-    def _discard(self, selector: selectors.BaseSelector, client: _Client) -> None:
+    def _discard(self, client: _Client) -> None:
         """Read and drop what a served client still sends, until its end."""
         if not client.sock.recv(MAX_REQUEST):
-            self._drop(selector, client)
+            self._drop(client)
 
-    def _expire(self, selector: selectors.BaseSelector, now: float) -> None:
+    def _expire(self, now: float) -> None:
         # A served client's deadline is later than those accepted after it: look at all
         # of them (at most MAX_CONNECTIONS, twice a second).
         for client in [c for c in self._clients.values() if c.deadline <= now]:
-            self._drop(selector, client)
+            self._drop(client)
 
-    def _drop(self, selector: selectors.BaseSelector, client: _Client) -> None:
+    def _drop(self, client: _Client) -> None:
         self._clients.pop(client.sock, None)
-        with contextlib.suppress(KeyError, ValueError):
-            selector.unregister(client.sock)
+        self._loop.unwatch(client.sock)
         client.sock.close()
 
 

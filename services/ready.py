@@ -36,20 +36,19 @@ import selectors
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from services.concurrency import SharedCounter
+from services.config import Config
 from services.connection import Connection, over_budget, served_first, worth_until
 from services.deadlines import Deadlines
+from services.dispatch import Dispatch, Submit
 from services.drain import ReadyQueue
 from services.echo import Turn, close_reason_for, echo_turn, set_kernel_timeout, worker_buffer
+from services.ledger import Ledger
 from services.logs import RateLimitedLog, quietly
+from services.loop import EventLoop
 from services.parked import INTEREST, READ, WRITE, ParkedSet
-from services.stats import persist
-
-if TYPE_CHECKING:
-    from services.pool import PoolServer
+from services.stats import ServerStats, persist
 
 log = logging.getLogger("echo.ready")
 
@@ -62,15 +61,18 @@ _EVENTS_PER_WAKE = 1024  # likewise for events; the rest are there at the next s
 WRITABLE_REST = 0.5
 
 
-class ReadyDispatch:
-    def __init__(self, server: PoolServer) -> None:
-        self._server = server
-        self._config = server.config
-        self._stats = server.stats
+class ReadyDispatch(Dispatch):
+    def __init__(
+        self, config: Config, stats: ServerStats, ledger: Ledger, loop: EventLoop, submit: Submit
+    ) -> None:
+        self._config = config
+        self._stats = stats
+        self._ledger = ledger
+        self._loop = loop
+        self.entry = stats.waiting
+        self.queue_capacity = config.max_connections
         self._parked = ParkedSet()  # what parked connections wait for
-        self._queue: ReadyQueue[Connection] = ReadyQueue(
-            self._config.workers, self._submit, self.serve_turn
-        )
+        self._queue: ReadyQueue[Connection] = ReadyQueue(config.workers, submit, self.serve_turn)
         self._warn = RateLimitedLog(log)
         # Waiting connections in the order they were parked (the front has been quiet
         # longest), and the writers; only the loop's thread touches these.
@@ -84,15 +86,23 @@ class ReadyDispatch:
         self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
         self.taken_back = 0  # hand-backs taken (the watchdog's progress; the loop's thread)
+        try:
+            loop.watch(self._parked, selectors.EVENT_READ, self._on_events)
+        except BaseException:
+            self._parked.close()
+            raise
+        loop.every_turn(self._after_wait, self.next_deadline)
+        loop.on_wake(self._after_wake)
 
     # -- on the loop's thread ------------------------------------------------------------
 
-    def on_loop_start(self, selector: selectors.BaseSelector) -> None:
-        selector.register(self._parked, selectors.EVENT_READ, self._on_events)
+    def _after_wake(self) -> None:
+        self.take_back()
 
-    def close(self) -> None:
-        """Release the epoll set (the loop has ended, or will never run)."""
-        self._parked.close()
+    def _after_wait(self, now: float) -> None:
+        # Woken or not: a hand-back whose wake-up was lost waits one turn at most.
+        self.take_back()
+        self.expire(now)
 
     def admit(self, sock: socket.socket) -> None:
         """A new connection, already counted as `waiting`: park it until it sends."""
@@ -158,7 +168,7 @@ class ReadyDispatch:
         self._queue_ready(ready)
         self._call_workers()
         if ready:
-            self._stats.loop_lag.observe(time.monotonic() - self._server.loop_woke_at)
+            self._stats.loop_lag.observe(time.monotonic() - self._loop.woke_at)
 
     def _arm_again(self) -> None:
         """Arm every parked connection again, and every one handed back: each may have
@@ -230,13 +240,10 @@ class ReadyDispatch:
                     self._close(conn, source, "error")
                     ready[i] = None
 
-    def _submit(self, job: Callable[[], None]) -> None:
-        self._server.submit(job)  # the pool's, looked up at each call
-
     def _call_workers(self) -> None:
         """Jobs on the pool for the queued connections; those the pool refused wait for
         the next call (at the latest, the next tick), or for close_all()."""
-        if self._queue and not self._queue.call_workers() and not self._server.stopping:
+        if self._queue and not self._queue.call_workers() and not self._loop.stopping:
             self._warn.warning(
                 "the pool refused a job; %d ready connection(s) wait", len(self._queue)
             )
@@ -247,17 +254,14 @@ class ReadyDispatch:
         return len(self._handbacks)
 
     def take_back(self) -> None:
-        """Park what the workers handed back; then keep the output budget. Once the loop
-        has ended (and from any thread) it closes them instead."""
+        """Park what the workers handed back; then keep the output budget. While the
+        loop runs only its thread takes from `_handbacks`, and workers only append."""
         if not self._handbacks:
             return
         for _ in range(min(len(self._handbacks), _HANDBACKS_PER_WAKE)):
-            try:
-                conn, interest = self._handbacks.popleft()
-            except IndexError:  # another thread took it (after the loop ended)
-                break
-            state = self._stats.waiting if interest == "read" else self._stats.writing
-            if self._server.stopping:
+            conn, interest = self._handbacks.popleft()
+            state = self._parked_state(interest)
+            if self._loop.stopping:
                 self._close(conn, state, "shutdown")
             else:
                 try:
@@ -270,11 +274,11 @@ class ReadyDispatch:
                         self._ready(conn)
             with contextlib.suppress(MemoryError):  # past 256 an int allocates
                 self.taken_back += 1
-        if self._server.stopping:
+        if self._loop.stopping:
             return
         self._call_workers()
         if self._handbacks:
-            self._server.wake()  # more than one wake's worth: come back after the rest
+            self._loop.wake()  # more than one wake's worth: come back after the rest
         pending, budget = self._stats.pending_output.value, self._config.output_budget
         if pending > budget:
             for conn in over_budget(self._send_clock.in_order(), pending, budget):
@@ -341,9 +345,16 @@ class ReadyDispatch:
             self._close_parked(conn, reason)
         for conn in self._queue.take_all():
             self._close(conn, self._stats.queued, reason)
-        while self._handbacks:
-            self.take_back()
-        self.close()  # a worker that arms a connection now is told so, and closes it
+        while True:  # workers may take their own back meanwhile (`_after_turn`)
+            try:
+                conn, interest = self._handbacks.popleft()
+            except IndexError:  # empty
+                break
+            self._close(conn, self._parked_state(interest), reason)
+        self._parked.close()  # a worker that arms a connection now is told so, and closes it
+
+    def _parked_state(self, interest: str) -> SharedCounter:
+        return self._stats.waiting if interest == "read" else self._stats.writing
 
     def _close_parked(self, conn: Connection, reason: str) -> None:
         state = self._stats.waiting if self._unpark(conn) else self._stats.writing
@@ -357,7 +368,7 @@ class ReadyDispatch:
                 persist(self._stats.pending_output.decr, len(conn.unsent))
             conn.unsent = b""
         self._parked.forget(conn)
-        self._server.finish(conn.sock, state, reason)
+        self._ledger.finish(conn.sock, state, reason)
 
     # -- on a worker's thread ------------------------------------------------------------
 
@@ -374,7 +385,7 @@ class ReadyDispatch:
             stats.dispatch_wait.observe(time.monotonic() - conn.ready_at)
             persist(stats.on_start)
             state = stats.busy
-            if self._server.stopping:
+            if self._loop.stopping:
                 outcome = "shutdown"
             else:
                 outcome, conn.unsent = echo_turn(
@@ -416,28 +427,35 @@ class ReadyDispatch:
         turn's traffic either way."""
         stats = self._stats
         traffic = turn.unpublished()
-        if outcome in _PARKED and not self._server.stopping and state is stats.busy:
-            parked = stats.waiting if outcome == "read" else stats.writing
+        if outcome in _PARKED and not self._loop.stopping and state is stats.busy:
+            parked = self._parked_state(outcome)
             persist(stats.hand_back, parked, *traffic)
             events = INTEREST.get(outcome)  # a resting writer is armed by the loop, later
+            handback = (conn, outcome)
             try:
                 # Armed first, while this worker still owns it: once handed back the
                 # loop may close it, and its number may belong to another connection.
                 if events is not None:
                     self._parked.arm(conn, events)
-                self._handbacks.append((conn, outcome))
+                self._handbacks.append(handback)
             except Exception:  # epoll_ctl: ENOMEM, ENOSPC; the set closed (stopping); memory
-                self._close(conn, parked, "shutdown" if self._server.stopping else "error")
+                self._close(conn, parked, "shutdown" if self._loop.stopping else "error")
                 return
-            if self._loop_done:  # checked after the append: see close_all()
-                self.take_back()
-            else:
-                self._server.wake()
+            # Checked after the append: if the loop had not ended by then, it takes it
+            # (close_all); if it had, whichever of the two removes it closes it.
+            if not self._loop_done:
+                self._loop.wake()
+                return
+            try:
+                self._handbacks.remove(handback)
+            except ValueError:
+                return  # the loop took it, and closed it
+            self._close(conn, parked, "shutdown")
             return
         if any(traffic):
             persist(stats.on_traffic, *traffic)
         if outcome in _PARKED:
-            outcome = "shutdown" if self._server.stopping else "error"
+            outcome = "shutdown" if self._loop.stopping else "error"
         self._close(conn, state, outcome)
 
     def _publish(self, received: int, sent: int, messages: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import services.base
+import services.ledger
 import services.ready
 from services.deadlines import Deadlines
 from support import BOUNDED, EVENTUALLY, held_open, running, wait_until
@@ -87,14 +87,14 @@ def test_a_writer_that_rests_behind_a_fresher_one_is_still_cut_first(
     script = ScriptedTurns(first="fill")
     monkeypatch.setattr(services.ready, "echo_turn", script)
     closed: list[int] = []
-    finish = services.base.Server.finish
+    finish = services.ledger.Ledger.finish
 
-    def recorded(server: services.base.Server, sock: socket.socket, *args: Any) -> None:
+    def recorded(ledger: services.ledger.Ledger, sock: socket.socket, *args: Any) -> None:
         with contextlib.suppress(OSError):
             closed.append(sock.getpeername()[1])
-        finish(server, sock, *args)
+        finish(ledger, sock, *args)
 
-    monkeypatch.setattr(services.base.Server, "finish", recorded)
+    monkeypatch.setattr(services.ledger.Ledger, "finish", recorded)
     with (
         running(model, workers=2, send_timeout=3.0) as server,
         small_window_client(server.address) as a,

@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-import services.accepting
-import services.base
+import services.dispatch
 import services.echo
+import services.loop
 import services.models.threads as threads_model
 import services.ready
-from services.accepting import accept_connection, turn_until
+from services.accepting import accept_connection
+from services.base import Server
+from services.loop import EventLoop
 from services.models import MODELS
 from support import (
     EVENTUALLY,
@@ -50,9 +52,14 @@ class FailOnce:
         return self._call(*args, **kwargs)
 
 
-# Where memory runs out: a method of the server's stats, of the server, or the echo itself.
+# Where memory runs out: a method of the server's stats, of the server (or its dispatch or
+# ledger), or the echo itself.
 STATS_STEPS = ["try_admit", "on_start", "move", "on_traffic"]
-SERVER_STEPS = ["dispatch", "submit", "accepted_at"]
+SERVER_STEPS: dict[str, Callable[[Server], object]] = {
+    "admit": lambda server: server.dispatch,
+    "submit": lambda server: server,
+    "accepted_at": lambda server: server.ledger,
+}
 STEPS = [*STATS_STEPS, *SERVER_STEPS, "echo"]
 
 
@@ -72,7 +79,7 @@ def inject(server: RunningService, step: str, monkeypatch: pytest.MonkeyPatch) -
         fault = FailOnce(getattr(server.stats, step))
         monkeypatch.setattr(server.stats, step, fault)
     elif step in SERVER_STEPS:
-        target = server.service.server
+        target = SERVER_STEPS[step](server.service.server)
         fault = FailOnce(getattr(target, step))
         monkeypatch.setattr(target, step, fault)
     elif server.service.config.parks:
@@ -80,7 +87,7 @@ def inject(server: RunningService, step: str, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(services.ready, "echo_turn", fault)  # where it is looked up
     else:
         fault = FailOnce(services.echo.echo)
-        monkeypatch.setattr(services.base, "echo", fault)
+        monkeypatch.setattr(services.dispatch, "echo", fault)
     return fault
 
 
@@ -135,15 +142,22 @@ def test_a_loop_outlives_turns_that_run_out_of_memory_and_backs_off_while_they_d
     pauses: list[float] = []
     warned = []
     turns = 0
+    loop = EventLoop(1.0, lambda: warned.append(turns))
 
     def turn() -> None:
         nonlocal turns
         turns += 1
+        if turns == 6:
+            loop.stop()
         if (outcome := next(outcomes)) is not None:
             raise outcome
 
-    monkeypatch.setattr(services.accepting, "time", SimpleNamespace(sleep=pauses.append))
-    turn_until(lambda: turns == 6, turn, lambda: warned.append(turns))
+    monkeypatch.setattr(loop, "_turn", turn)
+    monkeypatch.setattr(services.loop, "time", SimpleNamespace(sleep=pauses.append))
+    try:
+        loop.run()
+    finally:
+        loop.close()
     assert turns == 6
     assert warned == [1, 2, 3, 5]
     assert pauses == [0.01, 0.02, 0.04, 0.01]  # doubling while memory stays out, then anew

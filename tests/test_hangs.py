@@ -41,11 +41,11 @@ pytestmark = pytest.mark.slow  # each waits seconds for a watchdog or a deadline
 
 HANG_WORKERS = """
 import sys, threading
-import services.base
+import services.dispatch
 # A worker that never returns and never makes progress: the hang to detect, in either
 # dispatch mode.
 import services.ready
-services.base.echo = lambda *args, **kwargs: threading.Event().wait()
+services.dispatch.echo = lambda *args, **kwargs: threading.Event().wait()
 services.ready.echo_turn = lambda *args, **kwargs: threading.Event().wait()
 from services.app import main
 sys.exit(main(sys.argv[1:]))

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 import services.accepting
-import services.base
+import services.loop
 import services.metrics_http
 from services.parked import ParkedSet
 from services.pool import PoolServer
+from services.ready import ReadyDispatch
 from services.watchdog import MIN_TIMEOUT
 from support import (
     BOUNDED,
@@ -92,8 +93,8 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 def parked_set(server: RunningService) -> ParkedSet:
     inner = server.service.server
-    assert isinstance(inner, PoolServer) and inner.ready is not None
-    return inner.ready._parked
+    assert isinstance(inner.dispatch, ReadyDispatch)
+    return inner.dispatch._parked
 
 
 def assert_still_served(sock: socket.socket, server: RunningService) -> None:
@@ -109,9 +110,9 @@ def test_a_failed_wake_up_strands_no_hand_back(model: str, error: BaseException)
     # fault sends nothing; the hand-back must still be taken, and later ones woken.
     with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
         inner = server.service.server
-        real = inner._wake_writer
+        real = inner.loop._wake_writer
         fault = RaiseOnce(real.send, error)
-        inner._wake_writer = WakeWriter(real, fault)  # type: ignore[assignment]
+        inner.loop._wake_writer = WakeWriter(real, fault)  # type: ignore[assignment]
         assert_still_served(sock, server)
         assert fault.fired.is_set()
     wait_until(lambda: balanced(server), what="every connection closed and counted")
@@ -217,9 +218,10 @@ def test_epoll_ctl_failing_when_the_listener_comes_back_only_backs_off_longer(
         # accept() fails once (out of descriptors): the listener is paused; then putting
         # it back in the selector fails once.
         accept = RaiseOnce(services.accepting.accept_connection, OSError(errno.EMFILE, "EMFILE"))
-        monkeypatch.setattr(services.base, "accept_connection", accept)
-        register = RaiseOnce(inner.loop_selector.register, OSError(errno.ENOMEM, "epoll_ctl"))
-        monkeypatch.setattr(inner.loop_selector, "register", register)
+        monkeypatch.setattr(services.loop, "accept_connection", accept)
+        # The only registration with the loop from here on: the listener coming back.
+        register = RaiseOnce(inner.loop.watch, OSError(errno.ENOMEM, "epoll_ctl"))
+        monkeypatch.setattr(inner.loop, "watch", register)
         with connect(server.address) as sock:
             assert roundtrip(sock, b"accepted at last") == b"accepted at last"
         assert accept.fired.is_set() and register.fired.is_set()
@@ -231,7 +233,8 @@ class FlakyClientSelector(selectors.DefaultSelector):
     failed = threading.Event()
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        if isinstance(data, services.metrics_http._Client) and not self.failed.is_set():
+        client = getattr(data, "args", (None,))[0]  # a client's callback: partial(handler, client)
+        if isinstance(client, services.metrics_http._Client) and not self.failed.is_set():
             self.failed.set()
             raise OSError(errno.ENOMEM, "epoll_ctl")
         return super().register(fileobj, events, data)
@@ -296,8 +299,8 @@ def test_a_submit_that_fails_after_queuing_counts_its_job_once(
     # job counted that never ends, would leave ready connections without a worker).
     with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
         inner = server.service.server
-        assert isinstance(inner, PoolServer) and inner.ready is not None
-        queue = inner.ready._queue
+        assert isinstance(inner, PoolServer) and isinstance(inner.dispatch, ReadyDispatch)
+        queue = inner.dispatch._queue
         fault = QueuedThenFailed(inner.submit, worker_first)
         monkeypatch.setattr(inner, "submit", fault)
         sock.sendall(b"the turn whose submit fails")
@@ -320,8 +323,8 @@ def test_a_job_the_pool_refuses_is_submitted_again(
     # ready connection waits in the queue, and the loop submits again on its next tick.
     with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
         inner = server.service.server
-        assert isinstance(inner, PoolServer) and inner.ready is not None
-        queue = inner.ready._queue
+        assert isinstance(inner, PoolServer) and isinstance(inner.dispatch, ReadyDispatch)
+        queue = inner.dispatch._queue
         fault = RaiseOnce(inner.submit, MemoryError())
         monkeypatch.setattr(inner, "submit", fault)
         sock.sendall(b"the turn whose job is refused")
@@ -344,9 +347,8 @@ def test_hand_backs_the_loop_never_takes_trip_the_watchdog(model: str) -> None:
         ) as server,
         one_connection(server) as sock,
     ):
-        inner = server.service.server
-        assert isinstance(inner, PoolServer) and inner.ready is not None
-        ready = inner.ready
+        ready = server.service.server.dispatch
+        assert isinstance(ready, ReadyDispatch)
         ready.take_back = lambda: None  # type: ignore[method-assign]
         try:
             sock.sendall(b"handed back, never taken")

@@ -75,7 +75,7 @@ class ExecutorServer(PoolServer):
         self._pool.submit(job)
 
     def stop_workers(self, deadline: float) -> bool:
-        # Queued jobs still run, but `handle_connection()` closes them at once while stopping.
+        # Queued jobs still run, but a job closes its connection at once while stopping.
         self._pool.shutdown(wait=False)
         while self.stats.active_connections() and time.monotonic() < deadline:
             self.wait_stopped(0.05)
