@@ -1,6 +1,7 @@
 """`make bench`: throughput, latency and memory of each threading model, as ratios from one run.
 
     python -m bench [--quick] [--rounds N] [--seconds S] [--json PATH] [--chart PATH]
+    python -m bench --baseline DIR   (A/B: the pools of another checkout beside these)
 
 Absolute numbers on a shared, oversubscribed machine swing 5-30x between runs,
 so every server is measured in the same run, interleaved (A B C A B C ...,
@@ -34,17 +35,25 @@ POOL = ("--workers", "256", "--queue-size", "64", "--idle-timeout", "30", "--sen
 
 
 def throughput(
-    configs: list[tuple[int, int, bool]], rounds: int, seconds: float, processes: int | None
+    configs: list[tuple[int, int, bool]],
+    rounds: int,
+    seconds: float,
+    processes: int | None,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     """Each (connections, size, pinned) configuration, every server, interleaved rounds.
 
     Pinned: every server on the same one CPU and the client on the others, so that they
     do not compete and every server gets the same CPU. Unpinned: all of them anywhere.
+    With a `baseline` checkout: its pools beside these, and no references (`ab_specs`).
     """
-    specs = server_specs(full=len(configs) > 1)
     c_server, c_client = compile_c("epoll_echo"), compile_c("pingpong")
-    if c_server is not None:
-        specs["c-epoll"] = [str(c_server), "0"]
+    if baseline is not None:
+        specs = ab_specs(baseline)
+    else:
+        specs = server_specs(full=len(configs) > 1)
+        if c_server is not None:
+            specs["c-epoll"] = [str(c_server), "0"]
     server_cpus, client_cpus = placement()
     everywhere = frozenset(os.sched_getaffinity(0))
     processes = processes or len(client_cpus or everywhere)
@@ -132,6 +141,47 @@ def server_specs(full: bool) -> dict[str, Sequence[str]]:
     for kind in ("streams", "protocol"):
         specs[f"uvloop-{kind}"] = [sys.executable, "-m", "bench.uvloop_echo", kind, "0"]
     return specs
+
+
+BASELINE = "@base"  # the suffix of a server run from the baseline checkout
+# `python -c` with the checkout first on the path: its `services`, not this one's.
+_FROM_CHECKOUT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from services.app import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def ab_specs(baseline: Path) -> dict[str, Sequence[str]]:
+    """The bounded models in every dispatch mode (and ready without lingering), each
+    twice: from this checkout, and from `baseline` (NAME@base), for an A/B in one run."""
+    if not (baseline / "services" / "app.py").is_file():
+        raise SystemExit(f"python -m bench: error: --baseline {baseline}: not a checkout")
+    specs: dict[str, Sequence[str]] = {}
+    for name, command in server_specs(full=False).items():
+        model = name.partition("/")[0]
+        if model not in MODELS or not MODELS[model].bounded:
+            continue
+        args = command[command.index("services") + 1 :]
+        specs[name] = command
+        specs[name + BASELINE] = [sys.executable, "-c", _FROM_CHECKOUT, str(baseline), *args]
+    return specs
+
+
+def format_ab(data: dict[str, Any]) -> str:
+    """Each server against its baseline: medians (min-max) of the per-round ratios."""
+    lines = []
+    for key, per_server in data["configs"].items():
+        lines.append(f"\n{key}: this checkout / baseline, per round")
+        lines.append(f"  {'server':<26}{'req/s':<20}{'CPU us each':<20}{'p99':<20}")
+        for server in per_server:
+            if server.endswith(BASELINE) or server + BASELINE not in per_server:
+                continue
+            cells = []
+            for field in ("rate", "server_cpu_us", "p99_ms"):
+                r = ratios(per_server, server, server + BASELINE, field)
+                cells.append(f"{r[0]:5.2f}x ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
+            lines.append(f"  {server:<26}{cells[0]:<20}{cells[1]:<20}{cells[2]:<20}")
+    return "\n".join(lines)
 
 
 def config_name(connections: int, size: int, pinned: bool) -> str:
@@ -276,8 +326,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, help="client processes [one per client CPU]")
     parser.add_argument("--json", type=Path, default=Path("reports/bench.json"))
     parser.add_argument("--chart", type=Path, default=Path("reports/bench.png"))
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another commit (git worktree add DIR REV): an A/B of the pools "
+        "at 32 and 256 x 1 KiB, interleaved in the same rounds; throughput only",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.baseline is not None:
+        return ab_main(args.baseline, args.rounds or 5, args.seconds or 2.0, args.processes)
     # Many short rounds rather than a few long ones: this machine's speed drifts over
     # seconds, and a median over more interleaved pairs sees through more of it.
     rounds = args.rounds or (3 if quick else 5)
@@ -328,6 +386,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     write_chart(data, costs, args.chart)
     print(f"\nwrote {args.json} and {args.chart} in {time.monotonic() - started_at:.0f} s")
+    return 0
+
+
+def ab_main(baseline: Path, rounds: int, seconds: float, processes: int | None) -> int:
+    started_at = time.monotonic()
+    configs = [(32, 1024, True), (256, 1024, True)]
+    print(f"== A/B against {baseline} (ping-pong, loopback)", file=sys.stderr)
+    data = throughput(configs, rounds, seconds, processes, baseline=baseline.resolve())
+    print(f"\n== echo cluster A/B ({rounds} rounds x {seconds:g} s) against {baseline}")
+    print(format_throughput(data))
+    print(format_ab(data))
+    print(f"\nin {time.monotonic() - started_at:.0f} s")
     return 0
 
 

@@ -25,6 +25,7 @@ from services.echo import RECEIVE_BUFFER, SEND_BUFFER
 from services.ledger import Ledger
 from services.logs import RateLimitedLog, quietly
 from services.loop import EventLoop
+from services.states import Closed, Rejected
 from services.stats import ServerStats
 
 log = logging.getLogger("echo.server")
@@ -142,7 +143,7 @@ class Server(ABC):
         """Release the sockets of a server that will never serve."""
         if self._listener is not None:
             self._listener.close()
-        self.dispatch.close_all("shutdown")
+        self.dispatch.close_all(Closed.SHUTDOWN)
         self.loop.close()
 
     def stop(self) -> None:
@@ -176,7 +177,7 @@ class Server(ABC):
             try:
                 self.loop.run()
             finally:
-                self.dispatch.close_all("shutdown")
+                self.dispatch.close_all(Closed.SHUTDOWN)
             return self._shutdown(listener)
         finally:
             self.loop.close()
@@ -205,11 +206,11 @@ class Server(ABC):
             self.ledger.add(conn)
             self.dispatch.admit(conn)
         except MemoryError:
-            self.ledger.reject(conn, self.dispatch.entry, "out_of_memory")
+            self.ledger.reject(conn, self.dispatch.entry, Rejected.OUT_OF_MEMORY)
             self._warn.warning("out of memory while admitting a connection; closed it")
         except Exception:
             quietly(log.exception, "dispatch failed; closing the connection")
-            self.ledger.reject(conn, self.dispatch.entry, "dispatch_failed")
+            self.ledger.reject(conn, self.dispatch.entry, Rejected.DISPATCH_FAILED)
 
     def _shutdown(self, listener: socket.socket) -> bool:
         """Stop accepting, give open connections a moment, then cut them and join workers."""

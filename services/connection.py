@@ -7,17 +7,20 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 
+from services.states import State
+
 
 class Connection:
     """A connection's state between turns; lives as long as the connection."""
 
     __slots__ = (
         "admitted", "early", "fd", "last_active", "ready_at", "received", "rests_until",
-        "sock", "stalled_since", "unsent", "woke_writable",
+        "sock", "stalled_since", "state", "unsent", "woke_writable",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
+        self.state = State.WAITING  # counted there on admission; changed with its counters
         self.fd = sock.fileno()  # for the epoll set, which knows it by number
         self.early = False  # its event came before the loop took it back (`ready.py`)
         self.last_active = now  # the last byte from the client (the idle clock)
@@ -25,19 +28,19 @@ class Connection:
         self.stalled_since = now  # the last progress sending `unsent`
         self.ready_at = now  # when the loop handed it to the pool
         self.woke_writable = False  # this turn began because the client took some echo
-        self.rests_until = 0.0  # writing but not watched until then (WRITABLE_REST)
+        self.rests_until = 0.0  # while RESTING: when it is watched again (WRITABLE_REST)
         self.admitted = now
         self.received = 0  # bytes over its life: what it is worth at the cap
 
-    def settle(self, received: int, sent: int, outcome: str, now: float) -> int:
-        """After a turn: restart the clocks; the echo left unsent. A writer's stall runs
-        from its last progress, or from when it began writing: a turn that enters
-        `write` having sent nothing starts the clock, and does not inherit an older
-        turn's."""
+    def settle(self, received: int, sent: int, writing: bool, now: float) -> int:
+        """After a turn (`writing`: it ends waiting to write): restart the clocks; the
+        echo left unsent. A writer's stall runs from its last progress, or from when it
+        began writing: a turn that starts writing having sent nothing starts the clock,
+        and does not inherit an older turn's."""
         if received:
             self.last_active = now
             self.received += received
-        if sent or outcome != "write" or not self.woke_writable:
+        if sent or not writing or not self.woke_writable:
             self.stalled_since = now
         return len(self.unsent)
 

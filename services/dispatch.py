@@ -16,11 +16,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
 
-from services.concurrency import SharedCounter
 from services.config import Config
 from services.echo import close_reason_for, echo
 from services.ledger import Ledger
 from services.logs import RateLimitedLog, quietly
+from services.states import Closed, Rejected, State
 from services.stats import ServerStats, persist
 
 log = logging.getLogger("echo.dispatch")
@@ -32,7 +32,7 @@ class Dispatch(ABC):
     """Chosen once, when the server is built; every method but `serve`'s runs on the
     event loop's thread."""
 
-    entry: SharedCounter  # where an admitted connection is counted first
+    entry: State  # where an admitted connection is counted first
     queue_capacity: int  # how many admitted connections may wait for a worker
 
     @abstractmethod
@@ -46,7 +46,7 @@ class Dispatch(ABC):
         allows; False when it does not."""
 
     @abstractmethod
-    def close_all(self, reason: str) -> None:
+    def close_all(self, reason: Closed) -> None:
         """The loop has ended: close whatever waits in it."""
 
 
@@ -64,11 +64,11 @@ class Job:
     def __call__(self) -> None:
         self._dispatch.serve(self.conn)
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: Rejected) -> None:
         """No worker came: count it rejected{reason}. Never raises."""
         self._dispatch.ledger.reject(self.conn, self._dispatch.entry, reason)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: Closed) -> None:
         """Its worker came but cannot serve it: count it closed{reason}. Never raises."""
         self._dispatch.ledger.finish(self.conn, self._dispatch.entry, reason)
 
@@ -90,7 +90,7 @@ class ConnectionDispatch(Dispatch):
         self.ledger = ledger
         self._submit = submit
         self._warn = RateLimitedLog(log)
-        self.entry = stats.queued
+        self.entry = State.QUEUED
         self.queue_capacity = queue_capacity
 
     def admit(self, sock: socket.socket) -> None:
@@ -99,20 +99,20 @@ class ConnectionDispatch(Dispatch):
     def make_room(self, now: float) -> bool:
         return False  # every connection has, or waits for, a worker of its own
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self, reason: Closed) -> None:
         """Nothing waits in the loop; the server's shutdown cuts what workers hold."""
 
     def serve(self, conn: socket.socket) -> None:
         """On a worker: run one connection to its end. Never raises: whatever happens on
         the way, the connection is closed and counted once."""
         stats = self._stats
-        state = stats.queued
-        reason = "error"
+        state = State.QUEUED
+        reason = Closed.ERROR
         try:
             persist(stats.on_start)
-            state = stats.busy
+            state = State.BUSY
             if self.ledger.stopping():
-                reason = "shutdown"
+                reason = Closed.SHUTDOWN
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reason = echo(

@@ -8,6 +8,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from services.states import Closed, Wait
+
 READ_SIZE = 64 * 1024
 # The kernel's buffers per connection (it doubles what it is given), set on the listener
 # so that every accepted socket inherits them. Left to autotuning, the send buffer grows
@@ -38,12 +40,12 @@ def echo(
     send_timeout: float | None,
     on_traffic: Callable[[int, int, int], None],
     waited: float = 0.0,
-) -> str:
+) -> Closed:
     """Echo until the client stops; return the close reason.
 
-    Returns "eof" when the client closes or half-closes (everything it sent has
-    been echoed by then), "idle" when it sent nothing for `idle_timeout`, and
-    "slow_reader" when one echo could not be handed to the kernel within
+    Returns EOF when the client closes or half-closes (everything it sent has
+    been echoed by then), IDLE when it sent nothing for `idle_timeout`, and
+    SLOW_READER when one echo could not be handed to the kernel within
     `send_timeout` because the client does not read. Socket errors propagate.
 
     The timeouts are the kernel's (SO_RCVTIMEO, SO_SNDTIMEO) on a blocking
@@ -82,9 +84,9 @@ def echo(
                     view = memoryview(buffer)
                     view[:received] = first
             except BlockingIOError:  # SO_RCVTIMEO expired
-                return "idle"
+                return Closed.IDLE
             if received == 0:
-                return "eof"
+                return Closed.EOF
             received_total += received
             if first_wait != idle_timeout:
                 first_wait = idle_timeout
@@ -93,12 +95,12 @@ def echo(
             try:  # one send() takes a whole echo unless the client has stopped reading
                 sent = conn.send(view[:received])
             except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
-                return "slow_reader"
+                return Closed.SLOW_READER
             if sent < received:
                 sent += _send_rest(conn, view[sent:received], send_timeout, now)
             sent_total += sent  # all of it, or what a slow reader took before it stalled
             if sent < received:
-                return "slow_reader"
+                return Closed.SLOW_READER
             messages += 1
             if now >= next_flush:
                 on_traffic(received_total, sent_total, messages)
@@ -143,10 +145,10 @@ def set_kernel_timeout(conn: socket.socket, option: int, seconds: float | None) 
     conn.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", whole, micro))
 
 
-def close_reason_for(error: OSError) -> str:
+def close_reason_for(error: OSError) -> Closed:
     if isinstance(error, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
-        return "reset"
-    return "error"
+        return Closed.RESET
+    return Closed.ERROR
 
 
 class Turn:
@@ -190,7 +192,7 @@ def echo_turn(  # noqa: PLR0912, PLR0915 (the per-message loop stays in one fram
     hold_back: bool = False,
     publish: Callable[[int, int, int], None] | None = None,
     on_linger: Callable[[], None] | None = None,
-) -> tuple[str, bytes]:
+) -> tuple[Wait | Closed, bytes]:
     """Echo what the client has sent without ever blocking on a send.
 
     First hands the kernel what an earlier turn could not (`unsent`), then reads and
@@ -217,7 +219,7 @@ def echo_turn(  # noqa: PLR0912, PLR0915 (the per-message loop stays in one fram
     system call more per message, so only under that pressure.
 
     Returns what the connection waits for next and the echo the client has not taken
-    yet: ("read", b""), ("write", rest), or a close reason ("eof") with b"". Every
+    yet: (Wait.READ, b""), (Wait.WRITE, rest), or (Closed.EOF, b""). Every
     byte read is echoed or returned as unsent before this returns. Socket errors
     propagate.
     """
@@ -225,7 +227,7 @@ def echo_turn(  # noqa: PLR0912, PLR0915 (the per-message loop stays in one fram
         sent = _send_some(conn, unsent)
         turn.sent += sent
         if sent < len(unsent):
-            return "write", unsent[sent:]
+            return Wait.WRITE, unsent[sent:]
     # The loop runs once per message, most of a worker's time when it lingers: what it
     # looks up is bound to locals, and it counts in locals (written to `turn` on the way
     # out).
@@ -240,9 +242,9 @@ def echo_turn(  # noqa: PLR0912, PLR0915 (the per-message loop stays in one fram
             try:
                 received = recv_into(buffer, 0, flags)
             except BlockingIOError:  # nothing more for now, or not within the linger
-                return "read", b""
+                return Wait.READ, b""
             if received == 0:
-                return "eof", b""
+                return Closed.EOF, b""
             drained = received < size  # a stream socket returns all it holds, up to size
             try:
                 sent = send(buffer[:received], _DONTWAIT)
@@ -258,13 +260,13 @@ def echo_turn(  # noqa: PLR0912, PLR0915 (the per-message loop stays in one fram
                 sent_total += sent
                 messages += 1
             if stalled:
-                return "write", bytes(buffer[sent:received])
+                return Wait.WRITE, bytes(buffer[sent:received])
             at_cap = messages % max_messages == 0
             wait = False  # block (up to the linger) for the next message
             if at_cap or linger:
                 free = no_one_waiting()
                 if at_cap and not free:
-                    return "read", b""
+                    return Wait.READ, b""
                 wait = linger and free
                 if wait and not turn.lingered and on_linger is not None:
                     on_linger()
@@ -279,7 +281,7 @@ def echo_turn(  # noqa: PLR0912, PLR0915 (the per-message loop stays in one fram
             if drained and not wait:
                 # Asking again would cost a system call and an exception to hear "nothing
                 # yet"; the loop's selector says when there is more.
-                return "read", b""
+                return Wait.READ, b""
             flags = peek | (0 if wait else _DONTWAIT)
     finally:
         turn.add(received_total, sent_total, messages)

@@ -11,7 +11,11 @@ from collections.abc import Callable
 
 from services.concurrency import SharedCounter
 from services.logs import RateLimitedLog
+from services.states import Closed, Rejected, State
 from services.stats import ServerStats, persist
+
+# While stopping, a connection that ends this way was most likely cut by the shutdown.
+_CUT_SHORT = frozenset({Closed.EOF, Closed.RESET, Closed.ERROR})
 
 
 class Ledger:
@@ -44,24 +48,24 @@ class Ledger:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def finish(self, conn: socket.socket, state: SharedCounter, reason: str) -> None:
+    def finish(self, conn: socket.socket, state: State, reason: Closed) -> None:
         """Close a connection counted in `state` and count it as closed{reason}. Never
         raises."""
         self.forget(conn)  # first: if memory has run out, counting may fail, closing rarely does
-        if reason in ("eof", "reset", "error") and self.stopping():
-            reason = "shutdown"
-        self.count(state, self._stats.closed[reason])
+        if reason in _CUT_SHORT and self.stopping():
+            reason = Closed.SHUTDOWN
+        self._count(state, self._stats.closed[reason])
 
-    def reject(self, conn: socket.socket, state: SharedCounter, reason: str) -> None:
+    def reject(self, conn: socket.socket, state: State, reason: Rejected) -> None:
         """Close an admitted connection counted in `state` that no worker will serve, and
         count it as rejected{reason}. Never raises."""
         self.forget(conn)
-        self.count(state, self._stats.rejected[reason])
+        self._count(state, self._stats.rejected[reason])
 
-    def count(self, source: SharedCounter, target: SharedCounter) -> None:
+    def _count(self, state: State, target: SharedCounter) -> None:
         """Move one connection between counters; never raises (a worker must not die of
         a count it could not make, though the count is then lost and said so)."""
         try:
-            persist(self._stats.move, source, target)
+            persist(self._stats.move, self._stats.counter(state), target)
         except MemoryError:
             self._warn.warning("out of memory while counting a connection; a count is lost")

@@ -17,10 +17,12 @@ from __future__ import annotations
 import select
 
 from services.connection import Connection
+from services.states import State
 
 READ = select.EPOLLIN | select.EPOLLONESHOT
 WRITE = select.EPOLLOUT | select.EPOLLONESHOT
-INTEREST = {"read": READ, "write": WRITE}
+# What a connection parked in each state is armed for (a resting writer: nothing yet).
+INTEREST = {State.WAITING: READ, State.WRITING: WRITE}
 
 
 class ParkedSet:

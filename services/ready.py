@@ -37,7 +37,6 @@ import socket
 import time
 from collections import OrderedDict, deque
 
-from services.concurrency import SharedCounter
 from services.config import Config
 from services.connection import Connection, over_budget, served_first, worth_until
 from services.deadlines import Deadlines
@@ -48,11 +47,11 @@ from services.ledger import Ledger
 from services.logs import RateLimitedLog, quietly
 from services.loop import EventLoop
 from services.parked import INTEREST, READ, WRITE, ParkedSet
+from services.states import Closed, State, Wait
 from services.stats import ServerStats, persist
 
 log = logging.getLogger("echo.ready")
 
-_PARKED = ("read", "write", "rest")  # what a connection handed back waits for
 _HANDBACKS_PER_WAKE = 4096  # so a flood of hand-backs cannot starve accept and timeouts
 _EVENTS_PER_WAKE = 1024  # likewise for events; the rest are there at the next select()
 # A writer that woke for writability and could send nothing waits this long before it is
@@ -69,7 +68,7 @@ class ReadyDispatch(Dispatch):
         self._stats = stats
         self._ledger = ledger
         self._loop = loop
-        self.entry = stats.waiting
+        self.entry = State.WAITING
         self.queue_capacity = config.max_connections
         self._parked = ParkedSet()  # what parked connections wait for
         self._queue: ReadyQueue[Connection] = ReadyQueue(config.workers, submit, self.serve_turn)
@@ -81,7 +80,7 @@ class ReadyDispatch(Dispatch):
         self._send_clock: Deadlines[Connection] = Deadlines()  # writers, by stalled_since
         # Waiting connections by when they stop being worth their place (`make_room`).
         self._worth: Deadlines[Connection] = Deadlines()
-        self._handbacks: deque[tuple[Connection, str]] = deque()  # from workers
+        self._handbacks: deque[Connection] = deque()  # from workers, counted as parked
         self._one: list[Connection | None] = [None]  # `_ready`'s batch of one
         self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
@@ -115,49 +114,48 @@ class ReadyDispatch(Dispatch):
         if self._config.linger:
             set_kernel_timeout(sock, socket.SO_RCVTIMEO, self._config.linger)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(sock, time.monotonic())
-        self._park(conn, "read")
+        conn = Connection(sock, time.monotonic())  # WAITING
+        self._park(conn)
         try:
             self._parked.add(conn, READ)
         except BaseException:
             self._unpark(conn)
             raise
 
-    def _park(self, conn: Connection, interest: str) -> None:
-        """Count a connection as parked for `interest`: "read", "write", or "rest" (a
-        writer that is not watched until WRITABLE_REST has passed); whoever parks it
-        arms it for that event. All or nothing, out of memory included."""
-        parked = self._waiting if interest == "read" else self._writing
+    def _park(self, conn: Connection) -> None:
+        """Take a connection counted as parked (WAITING, WRITING or RESTING: a writer not
+        watched until WRITABLE_REST has passed) into the loop's sets; whoever parks it
+        arms it for its event. All or nothing, out of memory included."""
+        waiting = conn.state is State.WAITING
+        parked = self._waiting if waiting else self._writing
         parked[conn] = None
         try:
-            if parked is self._writing:
+            if not waiting:
                 self._send_clock.add(conn, conn.stalled_since)
             elif self._config.min_rate:
                 self._worth.add(
                     conn, worth_until(conn.admitted, conn.received, self._config.min_rate)
                 )
-            if interest == "rest":
+            if conn.state is State.RESTING:
                 conn.rests_until = time.monotonic() + WRITABLE_REST
                 self._resting.append(conn)
         except BaseException:
             del parked[conn]
-            conn.rests_until = 0.0
             self._send_clock.remove(conn)
             self._worth.remove(conn)
             raise
 
-    def _unpark(self, conn: Connection) -> bool:
-        """Count a parked connection as no longer parked; True if it was waiting to read.
-        It stays in the epoll set, disarmed or armed: disarmed it has no events, and
-        closing it takes it out. Allocates nothing."""
-        conn.rests_until = 0.0  # if it rested, its entry in _resting goes stale
-        if conn in self._waiting:
+    def _unpark(self, conn: Connection) -> None:
+        """Take a parked connection out of the loop's sets (its state and count stay for
+        the caller to move). It stays in the epoll set, disarmed or armed: disarmed it
+        has no events, and closing it takes it out. Allocates nothing. A resting one's
+        entry in `_resting` goes stale: it is RESTING no more once moved."""
+        if conn.state is State.WAITING:
             del self._waiting[conn]
             self._worth.remove(conn)
-            return True
-        del self._writing[conn]
-        self._send_clock.remove(conn)
-        return False
+        else:
+            del self._writing[conn]
+            self._send_clock.remove(conn)
 
     def _on_events(self, _parked: ParkedSet, _mask: int) -> None:
         try:
@@ -174,14 +172,14 @@ class ReadyDispatch(Dispatch):
         """Arm every parked connection again, and every one handed back: each may have
         had its event taken, and nothing else would serve it. Armed already, no harm."""
         parked = [
-            *((conn, READ) for conn in self._waiting),
-            *((conn, WRITE) for conn in self._writing if not conn.rests_until),
-            *((conn, INTEREST[why]) for conn, why in list(self._handbacks) if why in INTEREST),
+            *self._waiting,
+            *(conn for conn in self._writing if conn.state is State.WRITING),
+            *(conn for conn in list(self._handbacks) if conn.state in INTEREST),
         ]
-        for conn, events in parked:
+        for conn in parked:
             if self._parked.holds(conn):
                 with contextlib.suppress(OSError):  # closed meanwhile, or epoll_ctl failed
-                    self._parked.arm(conn, events)
+                    self._parked.arm(conn, INTEREST[conn.state])
 
     def _ready(self, conn: Connection) -> None:
         """Queue one connection with an event for the pool (see `_queue_ready`)."""
@@ -195,18 +193,19 @@ class ReadyDispatch(Dispatch):
         event is taken, and a connection neither served nor closed would wait forever.
         Overwrites `ready` (None for each connection it does not queue)."""
         readers, writers = self._unpark_ready(ready)
-        self._count_queued(ready, self._stats.waiting, readers, writable=False)
-        self._count_queued(ready, self._stats.writing, writers, writable=True)
+        self._count_queued(ready, State.WAITING, readers)
+        self._count_queued(ready, State.WRITING, writers)
         now = time.monotonic()
         for i, conn in enumerate(ready):
             if conn is None:
                 continue
             ready[i] = None  # `_one` keeps no connection alive
+            conn.state = State.QUEUED
             conn.ready_at = now
             try:
                 self._queue.put(conn, served_first(conn, self._config.min_rate, now))
             except MemoryError:
-                self._close(conn, self._stats.queued, "error")
+                self._close(conn, Closed.ERROR)
 
     def _unpark_ready(self, ready: list[Connection | None]) -> tuple[int, int]:
         """Take the parked ones out of their sets; how many were reading, and writing."""
@@ -220,24 +219,25 @@ class ReadyDispatch(Dispatch):
                 conn.early = True
                 ready[i] = None
                 continue
-            conn.woke_writable = not self._unpark(conn)
+            conn.woke_writable = conn.state is State.WRITING  # a resting one has no events
+            self._unpark(conn)
             if conn.woke_writable:
                 writers += 1
             else:
                 readers += 1
         return readers, writers
 
-    def _count_queued(
-        self, ready: list[Connection | None], source: SharedCounter, count: int, writable: bool
-    ) -> None:
-        """Count `count` connections from `source` as queued; closes them if that fails."""
+    def _count_queued(self, ready: list[Connection | None], source: State, count: int) -> None:
+        """Count the `count` connections of `ready` in `source` as queued (the caller
+        sets their state); closes them if that fails."""
+        stats = self._stats
         try:
             if count:
-                persist(self._stats.move, source, self._stats.queued, count)
+                persist(stats.move, stats.counter(source), stats.queued, count)
         except MemoryError:
             for i, conn in enumerate(ready):
-                if conn is not None and conn.woke_writable is writable:
-                    self._close(conn, source, "error")
+                if conn is not None and conn.state is source:
+                    self._close(conn, Closed.ERROR)
                     ready[i] = None
 
     def _call_workers(self) -> None:
@@ -259,15 +259,14 @@ class ReadyDispatch(Dispatch):
         if not self._handbacks:
             return
         for _ in range(min(len(self._handbacks), _HANDBACKS_PER_WAKE)):
-            conn, interest = self._handbacks.popleft()
-            state = self._parked_state(interest)
+            conn = self._handbacks.popleft()
             if self._loop.stopping:
-                self._close(conn, state, "shutdown")
+                self._close(conn, Closed.SHUTDOWN)
             else:
                 try:
-                    self._park(conn, interest)
+                    self._park(conn)
                 except MemoryError:
-                    self._close(conn, state, "error")
+                    self._close(conn, Closed.ERROR)
                 else:
                     if conn.early:  # its event came while it was on its way back
                         conn.early = False
@@ -282,7 +281,7 @@ class ReadyDispatch(Dispatch):
         pending, budget = self._stats.pending_output.value, self._config.output_budget
         if pending > budget:
             for conn in over_budget(self._send_clock.in_order(), pending, budget):
-                self._close_parked(conn, "slow_reader")
+                self._close_parked(conn, Closed.SLOW_READER)
 
     def next_deadline(self, now: float) -> float:
         deadlines = [now + 1.0]
@@ -302,25 +301,25 @@ class ReadyDispatch(Dispatch):
         order, exactly). Writers that have rested long enough are watched again."""
         while self._resting and self._resting[0].rests_until <= now:
             conn = self._resting.popleft()
-            if conn.rests_until:  # else closed or served since: stale
+            if conn.state is State.RESTING:  # else closed since: stale
                 try:
                     self._parked.arm(conn, WRITE)
                 except (MemoryError, OSError):  # epoll_ctl: ENOMEM, ENOSPC
-                    self._close_parked(conn, "error")  # still resting: nothing to unwatch
+                    self._close_parked(conn, Closed.ERROR)
                 else:
-                    conn.rests_until = 0.0
+                    conn.state = State.WRITING  # the same count: RESTING is counted as writing
         idle, send = self._config.idle_timeout, self._config.send_timeout
         if idle is not None:
             while self._waiting:
                 conn = next(iter(self._waiting))
                 if now - conn.last_active < idle:
                     break
-                self._close_parked(conn, "idle")
+                self._close_parked(conn, Closed.IDLE)
         if send is not None:
             while (stalled := self._send_clock.first()) is not None:
                 if now - stalled[0] < send:
                     break
-                self._close_parked(stalled[1], "slow_reader")
+                self._close_parked(stalled[1], Closed.SLOW_READER)
         self._call_workers()  # again, if the pool refused a job since the last call
 
     def make_room(self, now: float) -> bool:
@@ -334,41 +333,39 @@ class ReadyDispatch(Dispatch):
             victim = behind[1] if behind is not None and behind[0] <= now else None
         if victim is None:
             return False
-        self._close_parked(victim, "evicted")
+        self._close_parked(victim, Closed.EVICTED)
         return True
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self, reason: Closed) -> None:
         """The loop is ending (the server is stopping): close everything parked, queued
         and handed back; later hand-backs are closed by their workers."""
         self._loop_done = True
         for conn in [*self._waiting, *self._writing]:
             self._close_parked(conn, reason)
         for conn in self._queue.take_all():
-            self._close(conn, self._stats.queued, reason)
+            self._close(conn, reason)
         while True:  # workers may take their own back meanwhile (`_after_turn`)
             try:
-                conn, interest = self._handbacks.popleft()
+                conn = self._handbacks.popleft()
             except IndexError:  # empty
                 break
-            self._close(conn, self._parked_state(interest), reason)
+            self._close(conn, reason)
         self._parked.close()  # a worker that arms a connection now is told so, and closes it
 
-    def _parked_state(self, interest: str) -> SharedCounter:
-        return self._stats.waiting if interest == "read" else self._stats.writing
+    def _close_parked(self, conn: Connection, reason: Closed) -> None:
+        self._unpark(conn)
+        self._close(conn, reason)
 
-    def _close_parked(self, conn: Connection, reason: str) -> None:
-        state = self._stats.waiting if self._unpark(conn) else self._stats.writing
-        self._close(conn, state, reason)
-
-    def _close(self, conn: Connection, state: SharedCounter, reason: str) -> None:
-        """Close a connection counted in `state` and count it as closed{reason}. Never
-        raises."""
+    def _close(self, conn: Connection, reason: Closed) -> None:
+        """Close a connection and move its count from its state to closed{reason}. Never
+        raises. By whoever owns it: the loop's thread, or its worker."""
         if conn.unsent:
             with contextlib.suppress(MemoryError):
                 persist(self._stats.pending_output.decr, len(conn.unsent))
             conn.unsent = b""
         self._parked.forget(conn)
-        self._ledger.finish(conn.sock, state, reason)
+        self._ledger.finish(conn.sock, conn.state, reason)
+        conn.state = State.CLOSED
 
     # -- on a worker's thread ------------------------------------------------------------
 
@@ -377,16 +374,15 @@ class ReadyDispatch(Dispatch):
         if the turn lingered (`ReadyQueue.linger`). Never raises: whatever happens, the
         connection is parked again or closed and counted."""
         stats = self._stats
-        state = stats.queued
         turn = Turn()
         pending_before = len(conn.unsent)
-        outcome = "error"
+        outcome: Wait | Closed = Closed.ERROR
         try:
             stats.dispatch_wait.observe(time.monotonic() - conn.ready_at)
             persist(stats.on_start)
-            state = stats.busy
+            conn.state = State.BUSY
             if self._loop.stopping:
-                outcome = "shutdown"
+                outcome = Closed.SHUTDOWN
             else:
                 outcome, conn.unsent = echo_turn(
                     conn.sock,
@@ -407,39 +403,38 @@ class ReadyDispatch(Dispatch):
             conn.unsent = b""
             quietly(log.debug, "connection ended: %s", error)
         except Exception:  # MemoryError included: close it, the worker goes on
-            outcome = "error"
+            outcome = Closed.ERROR
             conn.unsent = b""
             quietly(log.exception, "unexpected error while serving a connection")
         finally:
             try:
-                unsent = conn.settle(turn.received, turn.sent, outcome, time.monotonic())
+                writing = outcome is Wait.WRITE
+                unsent = conn.settle(turn.received, turn.sent, writing, time.monotonic())
                 if unsent != pending_before:
                     persist(self._stats.pending_output.incr, unsent - pending_before)
-                if outcome == "write" and conn.woke_writable and not turn.sent:
-                    outcome = "rest"  # woken for room that was not there: see WRITABLE_REST
-                self._after_turn(conn, state, outcome, turn)
+                self._after_turn(conn, outcome, turn)
             except MemoryError:
-                self._close(conn, state, "error")
+                self._close(conn, Closed.ERROR)
         return turn.lingered
 
-    def _after_turn(self, conn: Connection, state: SharedCounter, outcome: str, turn: Turn) -> None:
-        """Hand a connection (counted in `state`) back to the loop, or close it; count the
-        turn's traffic either way."""
+    def _after_turn(self, conn: Connection, outcome: Wait | Closed, turn: Turn) -> None:
+        """Hand a connection back to the loop, or close it; count the turn's traffic
+        either way."""
         stats = self._stats
         traffic = turn.unpublished()
-        if outcome in _PARKED and not self._loop.stopping and state is stats.busy:
-            parked = self._parked_state(outcome)
-            persist(stats.hand_back, parked, *traffic)
-            events = INTEREST.get(outcome)  # a resting writer is armed by the loop, later
-            handback = (conn, outcome)
+        if isinstance(outcome, Wait) and not self._loop.stopping and conn.state is State.BUSY:
+            parked = _parked_after(conn, outcome, turn)
+            persist(stats.hand_back, stats.counter(parked), *traffic)
+            conn.state = parked
+            events = INTEREST.get(parked)  # a resting writer is armed by the loop, later
             try:
                 # Armed first, while this worker still owns it: once handed back the
                 # loop may close it, and its number may belong to another connection.
                 if events is not None:
                     self._parked.arm(conn, events)
-                self._handbacks.append(handback)
+                self._handbacks.append(conn)
             except Exception:  # epoll_ctl: ENOMEM, ENOSPC; the set closed (stopping); memory
-                self._close(conn, parked, "shutdown" if self._loop.stopping else "error")
+                self._close(conn, Closed.SHUTDOWN if self._loop.stopping else Closed.ERROR)
                 return
             # Checked after the append: if the loop had not ended by then, it takes it
             # (close_all); if it had, whichever of the two removes it closes it.
@@ -447,16 +442,16 @@ class ReadyDispatch(Dispatch):
                 self._loop.wake()
                 return
             try:
-                self._handbacks.remove(handback)
+                self._handbacks.remove(conn)
             except ValueError:
                 return  # the loop took it, and closed it
-            self._close(conn, parked, "shutdown")
+            self._close(conn, Closed.SHUTDOWN)
             return
         if any(traffic):
             persist(stats.on_traffic, *traffic)
-        if outcome in _PARKED:
-            outcome = "shutdown" if self._loop.stopping else "error"
-        self._close(conn, state, outcome)
+        if isinstance(outcome, Wait):
+            outcome = Closed.SHUTDOWN if self._loop.stopping else Closed.ERROR
+        self._close(conn, outcome)
 
     def _publish(self, received: int, sent: int, messages: int) -> None:
         persist(self._stats.on_traffic, received, sent, messages)
@@ -466,3 +461,11 @@ class ReadyDispatch(Dispatch):
         with this one kept: only then may a worker linger or go past a turn's cap."""
         stats = self._stats
         return stats.queued.glance <= self._config.workers - stats.busy.glance
+
+
+def _parked_after(conn: Connection, wait: Wait, turn: Turn) -> State:
+    """Where a connection waits after a turn that ends waiting for `wait`: a writer woken
+    for room that was not there rests (see WRITABLE_REST)."""
+    if wait is Wait.READ:
+        return State.WAITING
+    return State.RESTING if conn.woke_writable and not turn.sent else State.WRITING

@@ -30,11 +30,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from services.concurrency import SharedCounter, Step, locked, snapshot
+from services.states import Closed, Rejected, State
 
-# queue_full: connection dispatch's queue was full; at_cap: ready dispatch at its cap
-# found no connection behind the minimum rate to take the place of.
-REJECT_REASONS = ("queue_full", "at_cap", "thread_start_failed", "out_of_memory", "dispatch_failed")
-CLOSE_REASONS = ("eof", "idle", "slow_reader", "reset", "error", "shutdown", "evicted")
 # Latency buckets from 100 us: where a healthy pool's dispatch wait and a loopback echo
 # are (prometheus-client's default buckets start at 5 ms).
 SUB_MS_BUCKETS = (
@@ -171,8 +168,8 @@ class ServerStats:
         # Seconds from the event loop's wake-up to its last hand-over to the pool in that
         # wake (ready dispatch): what a readable connection waits before dispatch_wait.
         self.loop_lag = Histogram(SUB_MS_BUCKETS)
-        self.rejected = LabeledCounter(REJECT_REASONS)
-        self.closed = LabeledCounter(CLOSE_REASONS)
+        self.rejected = LabeledCounter(Rejected)
+        self.closed = LabeledCounter(Closed)
         self.received_bytes = SharedCounter()
         self.sent_bytes = SharedCounter()
         self.messages = SharedCounter()
@@ -180,6 +177,13 @@ class ServerStats:
         self.thread_start_failures = SharedCounter()
         self.worker_threads = SharedCounter()
         self.accept_loop_ticks = SharedCounter()
+        self._counters = {
+            State.WAITING: self.waiting,
+            State.QUEUED: self.queued,
+            State.BUSY: self.busy,
+            State.WRITING: self.writing,
+            State.RESTING: self.writing,  # parked as a writer, only not watched yet
+        }
         # The steps every turn takes, their locks put in order once (see Step).
         self._moves: dict[tuple[SharedCounter, SharedCounter], Step] = {}
         self._start = Step(self.queued, self.busy, self.started)
@@ -188,6 +192,10 @@ class ServerStats:
             parked: Step(self.busy, parked, self.received_bytes, self.sent_bytes, self.messages)
             for parked in (self.waiting, self.writing)
         }
+
+    def counter(self, state: State) -> SharedCounter:
+        """The counter of connections in `state` (KeyError for CLOSED: closed{reason})."""
+        return self._counters[state]
 
     def try_admit(self, capacity: int | None, parked: bool = False) -> bool:
         """Count an accepted connection and admit it (queued for a worker, or `parked`

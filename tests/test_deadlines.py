@@ -16,6 +16,7 @@ import pytest
 import services.ledger
 import services.ready
 from services.deadlines import Deadlines
+from services.states import Wait
 from support import BOUNDED, EVENTUALLY, held_open, running, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,13 +61,13 @@ class ScriptedTurns:
         with contextlib.suppress(BlockingIOError):
             turn.received += len(sock.recv(65536, socket.MSG_DONTWAIT))
         if nth > 1:
-            return "write", unsent or b"e"  # woken for room, sent nothing
+            return Wait.WRITE, unsent or b"e"  # woken for room, sent nothing
         if self._first == "fill":  # sends until the kernel takes no more: a stalled echo
             with contextlib.suppress(BlockingIOError):
                 while True:
                     turn.sent += sock.send(b"f" * 65536, socket.MSG_DONTWAIT)
-            return "write", b"e"
-        return "read", b""  # echoed all of it
+            return Wait.WRITE, b"e"
+        return Wait.READ, b""  # echoed all of it
 
 
 def small_window_client(address: tuple[str, int]) -> socket.socket:

@@ -18,6 +18,7 @@ import services.ready
 from services.connection import Connection, over_budget
 from services.echo import READ_SIZE, RECEIVE_BUFFER, Turn, echo_turn, set_kernel_timeout
 from services.ready import WRITABLE_REST
+from services.states import Closed, Wait
 from services.stats import ServerStats
 from support import (
     BOUNDED,
@@ -228,9 +229,9 @@ def test_a_held_back_echo_is_taken_only_as_the_client_reads_and_arrives_whole() 
                 hold_back=True,
             )
             assert turn.sent == turn.received  # nothing read that was not echoed
-            if outcome == ("read", b""):
+            if outcome == (Wait.READ, b""):
                 break
-            assert outcome == ("write", b""), outcome[0]  # the rest stays in the kernel
+            assert outcome == (Wait.WRITE, b""), outcome[0]  # the rest stays in the kernel
             with contextlib.suppress(BlockingIOError):
                 while True:
                     echoed += client.recv(1 << 20)
@@ -373,12 +374,12 @@ def test_a_lingering_turn_publishes_its_traffic_while_it_lasts(model: str) -> No
 @contextlib.contextmanager
 def turn_in_thread(
     server_end: socket.socket, *, no_one_waiting: bool, linger: float
-) -> Iterator[tuple[threading.Thread, list[tuple[str, bytes]], Turn]]:
+) -> Iterator[tuple[threading.Thread, list[tuple[Wait | Closed, bytes]], Turn]]:
     """echo_turn() on `server_end` in a thread, as a worker runs it (blocking socket,
     the linger as its receive timeout); yields the thread, its outcome and its turn."""
     server_end.setblocking(True)
     set_kernel_timeout(server_end, socket.SO_RCVTIMEO, linger)
-    outcome: list[tuple[str, bytes]] = []
+    outcome: list[tuple[Wait | Closed, bytes]] = []
     turn = Turn()
     buffer = memoryview(bytearray(READ_SIZE))
 
@@ -416,7 +417,7 @@ def test_a_worker_lingers_on_its_connection_only_while_no_one_waits() -> None:
             if thread.is_alive():
                 client.shutdown(socket.SHUT_WR)  # let it go before failing
             assert not thread.is_alive(), "the worker kept the connection while others waited"
-        assert out == [("read", b"")] and turn.messages == 1
+        assert out == [(Wait.READ, b"")] and turn.messages == 1
     # No one waits: the same worker waits for the next message in the same turn.
     client, server_end = socket.socketpair()
     with client, server_end:
@@ -427,7 +428,7 @@ def test_a_worker_lingers_on_its_connection_only_while_no_one_waits() -> None:
             for payload in (b"b", b"c"):
                 assert roundtrip(client, payload) == payload
             client.shutdown(socket.SHUT_WR)
-        assert out == [("eof", b"")] and turn.messages == 3
+        assert out == [(Closed.EOF, b"")] and turn.messages == 3
 
 
 @pytest.mark.parametrize("model", BOUNDED)
@@ -437,7 +438,7 @@ def test_a_writer_woken_without_room_rests_instead_of_spinning(
     def no_room(_sock: socket.socket, _buffer: memoryview, unsent: bytes, **_: Any) -> Any:
         # A kernel under TCP memory pressure: the socket is reported writable (as this
         # one, with an empty send buffer, always is) and takes nothing.
-        return "write", unsent
+        return Wait.WRITE, unsent
 
     monkeypatch.setattr(services.ready, "echo_turn", no_room)  # where it is looked up
     with running(model, workers=2, send_timeout=30.0) as server, connect(server.address) as c:

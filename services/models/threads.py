@@ -32,6 +32,7 @@ from services.base import Server
 from services.config import Config
 from services.dispatch import ConnectionDispatch, Dispatch, Job
 from services.logs import RateLimitedLog
+from services.states import Closed, Rejected
 from services.stats import persist
 
 log = logging.getLogger("echo.threads")
@@ -65,7 +66,7 @@ class ThreadPerConnectionServer(Server):
                 self._refuse(job, error)
 
     def _refuse(self, job: Job, error: BaseException | str) -> None:
-        job.refuse("thread_start_failed")  # first: it never raises
+        job.refuse(Rejected.THREAD_START_FAILED)  # first: it never raises
         with contextlib.suppress(MemoryError):
             persist(self.stats.thread_start_failures.incr)
         self._refusals.warning("cannot start a thread for a new connection: %s", error)
@@ -81,7 +82,7 @@ class ThreadPerConnectionServer(Server):
         try:
             persist(self.stats.worker_threads.incr)
         except MemoryError:  # the thread runs but cannot be counted: close and count that
-            job.close("error")
+            job.close(Closed.ERROR)
             return
         try:
             job()  # never raises
@@ -92,7 +93,7 @@ class ThreadPerConnectionServer(Server):
         threading.stack_size(self._previous_stack_size)
         for job in list(self._unclaimed):  # no thread will claim these now
             if self._unclaimed.pop(job, None) is not None:
-                job.close("shutdown")
+                job.close(Closed.SHUTDOWN)
         while self.stats.worker_threads.value and time.monotonic() < deadline:
             self.wait_stopped(0.05)
         return not self.stats.worker_threads.value
