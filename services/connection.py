@@ -14,8 +14,8 @@ class Connection:
     """A connection's state between turns; lives as long as the connection."""
 
     __slots__ = (
-        "admitted", "early", "fd", "last_active", "ready_at", "received", "rests_until",
-        "sock", "stalled_since", "state", "unsent", "woke_writable",
+        "admitted", "early", "fd", "last_active", "ready_at", "received", "sock",
+        "stalled_since", "state", "unsent", "woke_writable",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, now: float) -> None:
@@ -28,7 +28,6 @@ class Connection:
         self.stalled_since = now  # the last progress sending `unsent`
         self.ready_at = now  # when the loop handed it to the pool
         self.woke_writable = False  # this turn began because the client took some echo
-        self.rests_until = 0.0  # while RESTING: when it is watched again (WRITABLE_REST)
         self.admitted = now
         self.received = 0  # bytes over its life: what it is worth at the cap
 

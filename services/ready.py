@@ -7,11 +7,11 @@ whether for bytes (`waiting`) or for a client that does not read to take its
 echo (`writing`). When one is ready the loop queues it for the pool (`queued`,
 `services/drain.py`); a worker echoes what is there without waiting for more
 (`busy`), arms it for its next event (`services/parked.py`) and hands it back
-through a queue and a wake-up. So a
-waiting connection costs a descriptor and a few hundred bytes, never a thread,
-and N slow clients cannot hold a pool of N.
+through a queue and a wake-up. So a waiting connection costs a descriptor and a
+few hundred bytes, never a thread, and N slow clients cannot hold a pool of N.
 
-The loop also enforces what used to need a worker's blocking socket:
+The loop also enforces what used to need a worker's blocking socket (who is due:
+`services/parking.py`):
 - idle timeout, from the connection's last byte;
 - send timeout: a `writing` connection that took nothing for that long is closed
   as `slow_reader`;
@@ -35,11 +35,10 @@ import logging
 import selectors
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import deque
 
 from services.config import Config
-from services.connection import Connection, over_budget, served_first, worth_until
-from services.deadlines import Deadlines
+from services.connection import Connection, over_budget, served_first
 from services.dispatch import Dispatch, Submit
 from services.drain import ReadyQueue
 from services.echo import Turn, close_reason_for, echo_turn, set_kernel_timeout, worker_buffer
@@ -47,6 +46,7 @@ from services.ledger import Ledger
 from services.logs import RateLimitedLog, quietly
 from services.loop import EventLoop
 from services.parked import INTEREST, READ, WRITE, ParkedSet
+from services.parking import Parking
 from services.states import Closed, State, Wait
 from services.stats import ServerStats, persist
 
@@ -73,16 +73,11 @@ class ReadyDispatch(Dispatch):
         self._parked = ParkedSet()  # what parked connections wait for
         self._queue: ReadyQueue[Connection] = ReadyQueue(config.workers, submit, self.serve_turn)
         self._warn = RateLimitedLog(log)
-        # Waiting connections in the order they were parked (the front has been quiet
-        # longest), and the writers; only the loop's thread touches these.
-        self._waiting: OrderedDict[Connection, None] = OrderedDict()
-        self._writing: dict[Connection, None] = {}  # their stall order: `_send_clock`
-        self._send_clock: Deadlines[Connection] = Deadlines()  # writers, by stalled_since
-        # Waiting connections by when they stop being worth their place (`make_room`).
-        self._worth: Deadlines[Connection] = Deadlines()
+        self._parking = Parking(  # the loop's lists of parked connections
+            config.idle_timeout, config.send_timeout, config.min_rate, WRITABLE_REST
+        )
         self._handbacks: deque[Connection] = deque()  # from workers, counted as parked
         self._one: list[Connection | None] = [None]  # `_ready`'s batch of one
-        self._resting: deque[Connection] = deque()  # writers not watched for a while
         self._loop_done = False  # the loop has ended: workers close what they hand back
         self.taken_back = 0  # hand-backs taken (the watchdog's progress; the loop's thread)
         try:
@@ -114,48 +109,14 @@ class ReadyDispatch(Dispatch):
         if self._config.linger:
             set_kernel_timeout(sock, socket.SO_RCVTIMEO, self._config.linger)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(sock, time.monotonic())  # WAITING
-        self._park(conn)
+        now = time.monotonic()
+        conn = Connection(sock, now)  # WAITING
+        self._parking.park(conn, now)
         try:
             self._parked.add(conn, READ)
         except BaseException:
-            self._unpark(conn)
+            self._parking.unpark(conn)
             raise
-
-    def _park(self, conn: Connection) -> None:
-        """Take a connection counted as parked (WAITING, WRITING or RESTING: a writer not
-        watched until WRITABLE_REST has passed) into the loop's sets; whoever parks it
-        arms it for its event. All or nothing, out of memory included."""
-        waiting = conn.state is State.WAITING
-        parked = self._waiting if waiting else self._writing
-        parked[conn] = None
-        try:
-            if not waiting:
-                self._send_clock.add(conn, conn.stalled_since)
-            elif self._config.min_rate:
-                self._worth.add(
-                    conn, worth_until(conn.admitted, conn.received, self._config.min_rate)
-                )
-            if conn.state is State.RESTING:
-                conn.rests_until = time.monotonic() + WRITABLE_REST
-                self._resting.append(conn)
-        except BaseException:
-            del parked[conn]
-            self._send_clock.remove(conn)
-            self._worth.remove(conn)
-            raise
-
-    def _unpark(self, conn: Connection) -> None:
-        """Take a parked connection out of the loop's sets (its state and count stay for
-        the caller to move). It stays in the epoll set, disarmed or armed: disarmed it
-        has no events, and closing it takes it out. Allocates nothing. A resting one's
-        entry in `_resting` goes stale: it is RESTING no more once moved."""
-        if conn.state is State.WAITING:
-            del self._waiting[conn]
-            self._worth.remove(conn)
-        else:
-            del self._writing[conn]
-            self._send_clock.remove(conn)
 
     def _on_events(self, _parked: ParkedSet, _mask: int) -> None:
         try:
@@ -172,8 +133,7 @@ class ReadyDispatch(Dispatch):
         """Arm every parked connection again, and every one handed back: each may have
         had its event taken, and nothing else would serve it. Armed already, no harm."""
         parked = [
-            *self._waiting,
-            *(conn for conn in self._writing if conn.state is State.WRITING),
+            *self._parking.watched(),
             *(conn for conn in list(self._handbacks) if conn.state in INTEREST),
         ]
         for conn in parked:
@@ -213,14 +173,14 @@ class ReadyDispatch(Dispatch):
         for i, conn in enumerate(ready):
             if conn is None:
                 continue
-            if conn not in self._waiting and conn not in self._writing:
+            if not self._parking.holds(conn):
                 # Handed back but not taken back yet (its worker armed it before handing
                 # it back): served once it is; or closed earlier in the same batch.
                 conn.early = True
                 ready[i] = None
                 continue
             conn.woke_writable = conn.state is State.WRITING  # a resting one has no events
-            self._unpark(conn)
+            self._parking.unpark(conn)
             if conn.woke_writable:
                 writers += 1
             else:
@@ -264,7 +224,7 @@ class ReadyDispatch(Dispatch):
                 self._close(conn, Closed.SHUTDOWN)
             else:
                 try:
-                    self._park(conn)
+                    self._parking.park(conn, time.monotonic())
                 except MemoryError:
                     self._close(conn, Closed.ERROR)
                 else:
@@ -280,57 +240,32 @@ class ReadyDispatch(Dispatch):
             self._loop.wake()  # more than one wake's worth: come back after the rest
         pending, budget = self._stats.pending_output.value, self._config.output_budget
         if pending > budget:
-            for conn in over_budget(self._send_clock.in_order(), pending, budget):
+            for conn in over_budget(self._parking.writers_by_stall(), pending, budget):
                 self._close_parked(conn, Closed.SLOW_READER)
 
     def next_deadline(self, now: float) -> float:
-        deadlines = [now + 1.0]
-        if self._config.idle_timeout is not None and self._waiting:
-            deadlines.append(next(iter(self._waiting)).last_active + self._config.idle_timeout)
-        stalled = self._send_clock.first()
-        if self._config.send_timeout is not None and stalled is not None:
-            deadlines.append(stalled[0] + self._config.send_timeout)
-        if self._resting:
-            deadlines.append(self._resting[0].rests_until)  # 0 when stale: cleared at once
-        return min(deadlines)
+        return self._parking.next_deadline(now)
 
     def expire(self, now: float) -> None:
-        """Close the idle (from the front: parked longest ago; the order is the parking
-        order, close to, not exactly, last-activity order, so a connection may wait a
-        little past its timeout behind one parked earlier) and the stalled (in stall
-        order, exactly). Writers that have rested long enough are watched again."""
-        while self._resting and self._resting[0].rests_until <= now:
-            conn = self._resting.popleft()
-            if conn.state is State.RESTING:  # else closed since: stale
-                try:
-                    self._parked.arm(conn, WRITE)
-                except (MemoryError, OSError):  # epoll_ctl: ENOMEM, ENOSPC
-                    self._close_parked(conn, Closed.ERROR)
-                else:
-                    conn.state = State.WRITING  # the same count: RESTING is counted as writing
-        idle, send = self._config.idle_timeout, self._config.send_timeout
-        if idle is not None:
-            while self._waiting:
-                conn = next(iter(self._waiting))
-                if now - conn.last_active < idle:
-                    break
-                self._close_parked(conn, Closed.IDLE)
-        if send is not None:
-            while (stalled := self._send_clock.first()) is not None:
-                if now - stalled[0] < send:
-                    break
-                self._close_parked(stalled[1], Closed.SLOW_READER)
+        """Close the idle and the stalled; watch again the writers that have rested."""
+        while (conn := self._parking.rested(now)) is not None:
+            try:
+                self._parked.arm(conn, WRITE)
+            except (MemoryError, OSError):  # epoll_ctl: ENOMEM, ENOSPC
+                self._close_parked(conn, Closed.ERROR)
+            else:
+                conn.state = State.WRITING  # the same count: RESTING is counted as writing
+        while (conn := self._parking.idle(now)) is not None:
+            self._close_parked(conn, Closed.IDLE)
+        while (conn := self._parking.stalled(now)) is not None:
+            self._close_parked(conn, Closed.SLOW_READER)
         self._call_workers()  # again, if the pool refused a job since the last call
 
     def make_room(self, now: float) -> bool:
         """At the cap: close a waiting connection for a newcomer, if one is behind the
         minimum rate (see the module's docstring); with no minimum rate, the quietest.
         Never one in a worker or with an echo in flight. False: refuse the newcomer."""
-        if not self._config.min_rate:
-            victim = next(iter(self._waiting), None)
-        else:
-            behind = self._worth.first()
-            victim = behind[1] if behind is not None and behind[0] <= now else None
+        victim = self._parking.behind(now)
         if victim is None:
             return False
         self._close_parked(victim, Closed.EVICTED)
@@ -340,7 +275,7 @@ class ReadyDispatch(Dispatch):
         """The loop is ending (the server is stopping): close everything parked, queued
         and handed back; later hand-backs are closed by their workers."""
         self._loop_done = True
-        for conn in [*self._waiting, *self._writing]:
+        for conn in self._parking.everyone():
             self._close_parked(conn, reason)
         for conn in self._queue.take_all():
             self._close(conn, reason)
@@ -353,7 +288,7 @@ class ReadyDispatch(Dispatch):
         self._parked.close()  # a worker that arms a connection now is told so, and closes it
 
     def _close_parked(self, conn: Connection, reason: Closed) -> None:
-        self._unpark(conn)
+        self._parking.unpark(conn)
         self._close(conn, reason)
 
     def _close(self, conn: Connection, reason: Closed) -> None:
