@@ -135,7 +135,7 @@ fmt: venv ## Format the code and apply ruff's safe fixes
 	$(VENV)/bin/ruff check --fix .
 
 up-local: venv ## Run every model's server on loopback until Ctrl-C (DISPATCH=connection: the recipe's pools)
-	$(if $(LINGER),ECHO_LINGER=$(LINGER) )$(PY) -m services.cluster $(if $(DISPATCH),--dispatch $(DISPATCH))
+	$(if $(LINGER),ECHO_LINGER=$(LINGER) )$(PY) -m harness.cluster $(if $(DISPATCH),--dispatch $(DISPATCH))
 
 load: venv ## Headless locust run against all three (USERS=90 DURATION=30s); verifies every byte
 	@mkdir -p $(REPORTS)
@@ -215,10 +215,10 @@ up: engine images ## Start the stack (3 servers + Prometheus) and wait until eve
 	@$(PY) -m services.models
 	@echo "  prometheus http://127.0.0.1:9090"
 	@echo "  the three models side by side (make page):"
-	@echo "    $$($(PY) -m services.dashboard)"
+	@echo "    $$($(PY) -m harness.dashboard)"
 
 page: venv ## Print the address of the page that shows the three models side by side
-	@$(PY) -m services.dashboard
+	@$(PY) -m harness.dashboard
 
 chromium: ## Install Debian's chromium (as root) unless a Chromium is there: page-shot and the page's test
 	@$(BROWSER) --version >/dev/null 2>&1 || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
@@ -230,7 +230,7 @@ page-shot: venv chromium ## Screenshot the page, one 1920x1080 screen, with head
 	@mkdir -p $(dir $(SHOT))
 	@# --virtual-time-budget: let the page's script query and draw before the shot.
 	$(BROWSER) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1920,1080 \
-		--virtual-time-budget=20000 --screenshot=$(SHOT) "$$($(PY) -m services.dashboard $(WINDOW))" 2>/dev/null
+		--virtual-time-budget=20000 --screenshot=$(SHOT) "$$($(PY) -m harness.dashboard $(WINDOW))" 2>/dev/null
 	@echo "page-shot: wrote $(SHOT)"
 
 down: ## Stop the stack and remove its containers, network and volume

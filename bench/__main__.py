@@ -24,7 +24,7 @@ from typing import Any
 
 from bench import burst, client, locks, memory
 from bench.servers import compile_c, model_command, pin, placement, started
-from services.launcher import ServerProcess
+from harness.launcher import ServerProcess
 from services.models import MODELS
 from services.procfs import context_switches as switches
 from services.procfs import cpu_seconds

@@ -9,7 +9,7 @@ import asyncio
 import socket
 import sys
 
-from services.launcher import write_ready_file
+from services.readyfile import write_ready_file
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

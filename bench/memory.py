@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 
 from bench.servers import model_command
-from services.launcher import UNDER_AS_LIMIT, launch, services_command
-from services.metrics import metric, scrape
+from harness.launcher import UNDER_AS_LIMIT, launch, services_command
+from harness.scrape import metric, scrape
 from services.models import MODELS
 from services.procfs import status
 

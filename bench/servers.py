@@ -2,7 +2,7 @@
 
 The models come from `python -m services`; the references are a stdlib asyncio
 streams server and a C epoll server compiled here with the machine's cc. All are
-started by `services.launcher` and say where they listen in a ready file.
+started by `harness.launcher` and say where they listen in a ready file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from services.launcher import ROOT, ServerProcess, launch, services_command
+from harness.launcher import ROOT, ServerProcess, launch, services_command
 
 BUILD = ROOT / "build" / "bench"
 

@@ -16,7 +16,7 @@ from typing import cast
 import uvloop
 
 from bench.asyncio_echo import handle as echo_stream
-from services.launcher import write_ready_file
+from services.readyfile import write_ready_file
 
 
 class EchoProtocol(asyncio.Protocol):

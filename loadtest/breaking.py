@@ -103,15 +103,12 @@ def format_limits(points: Sequence[BreakingPoint]) -> str:
     return "\n".join(lines)
 
 
-def report_limits(points: list[BreakingPoint], args: Namespace, out: TextIO = sys.stdout) -> int:
+def report_limits(points: list[BreakingPoint], args: Namespace, out: TextIO = sys.stdout) -> None:
+    """The table, and the JSON if asked for (the chart is the caller's: `charts` reads
+    this module)."""
     print(format_limits(points), file=out)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         data = [asdict(p) | {"held": p.held} for p in points]
         args.json.write_text(json.dumps(data, indent=1) + "\n")
         print(f"wrote {args.json}", file=out)
-    if args.charts:
-        from loadtest.charts import write_limit_chart  # noqa: PLC0415 (slow import)
-
-        print(f"wrote {write_limit_chart(points, args.charts)}", file=out)
-    return 0

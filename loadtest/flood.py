@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from harness import dashboard
 from loadtest.attacks import SCENARIOS, AttackRefused
 from loadtest.breaking import (
     LIMIT_STEPS,
@@ -28,7 +29,6 @@ from loadtest.breaking import (
 from loadtest.containers import container_address
 from loadtest.floodrun import FloodRun, RunSettings, Target, ensure_descriptors, flood
 from loadtest.verdict import DEFAULT_SETTLE, VERDICTS, Limits
-from services import dashboard
 from services.config import OneLineParser
 
 __all__ = ["FloodRun", "RunSettings", "Target", "flood", "main"]
@@ -272,7 +272,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             find_limit(target, scenario, settings, steps, progress)
             for scenario, target in runs_of(scenarios, targets)
         ]
-        return report_limits(points, args, out)
+        report_limits(points, args, out)
+        if args.charts:
+            from loadtest.charts import write_limit_chart  # noqa: PLC0415 (slow import)
+
+            print(f"wrote {write_limit_chart(points, args.charts)}", file=out)
+        return 0
     for line in skipped(scenarios, targets):
         print(line, file=sys.stderr)
     # With the stack up, its Prometheus watches the attack: the page, live and afterwards.

@@ -20,9 +20,9 @@ from typing import Generic, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.scrape import scrape
 from loadtest.echo_client import EchoClient, EchoFailure, classify, exchange
 from loadtest.lazy import LazyConnection
-from services.metrics import scrape
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -13,11 +14,12 @@ from types import FrameType
 from services import budget, preflight
 from services.base import PortInUseError, Server
 from services.config import Config, ConfigError, one_line, parse_config
-from services.launcher import write_ready_file
 from services.logs import exit_now
 from services.metrics import build_registry
 from services.metrics_http import MetricsServer
+from services.models import ModelSpec
 from services.ready import ReadyDispatch
+from services.readyfile import write_ready_file
 from services.watchdog import Lane, Watchdog
 
 log = logging.getLogger("echo")
@@ -26,8 +28,16 @@ EXIT_HUNG = 70  # EX_SOFTWARE: the watchdog found a hang
 _TRIP_LINGER = 2.0  # keep /metrics up this long after a trip so a scrape can see it
 
 
+def server_class(spec: ModelSpec) -> type[Server]:
+    """A model's `Server` subclass, imported only now: reading the registry (config, the
+    flood tool) never imports the threading code, and the registry imports no server."""
+    module_name, _, class_name = spec.server.partition(":")
+    cls: type[Server] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
 def build_server(config: Config) -> Server:
-    return config.spec.server_class()(config)
+    return server_class(config.spec)(config)
 
 
 def exit_hung(reason: str) -> None:

@@ -46,7 +46,7 @@ class Config:
     backlog: int = 1024
     watchdog_timeout: float | None = 60.0
     log_level: str = "INFO"
-    ready_file: str | None = None  # written once both ports listen (see services.launcher)
+    ready_file: str | None = None  # written once both ports listen (see harness.launcher)
     dispatch: str = ""  # "" is the model's default (its first dispatch mode)
     max_connections: int = FROM_MODEL  # ready dispatch: admitted at once; see default_cap()
     output_budget: int = 4 * 2**20  # ready dispatch: bytes of echoes clients have not taken
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--ready-file",
         help="once both ports listen, write them to this file as JSON, for whatever started "
-        "the server (services.launcher) [ECHO_READY_FILE]",
+        "the server (harness.launcher) [ECHO_READY_FILE]",
     )
     return parser
 

@@ -1,15 +1,14 @@
 """Prometheus exposition: a collector that reads the lock-protected counters at scrape time.
 
 The endpoint that serves it is `services.metrics_http` (one thread, no client can
-hold it); `scrape()` and `metric()` read it back, for the tests and the tools.
+hold it); `harness.scrape` reads it back, for the tests and the tools.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -19,7 +18,6 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -184,30 +182,3 @@ def build_registry(server: Server, watchdog: Watchdog | None = None) -> Collecto
     registry.register(EchoCollector(server, watchdog))
     ProcessCollector(registry=registry)
     return registry
-
-
-Scraped = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def samples(families: Iterable[Metric]) -> Scraped:
-    """Flatten metric families into {(name, sorted labels): value}, for tests and tools."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in families
-        for sample in family.samples
-    }
-
-
-def scrape(address: tuple[str, int], timeout: float = 5.0) -> Scraped:
-    """GET /metrics from a server (ours, on loopback) and flatten it; OSError if it fails."""
-    host, port = address
-    host = f"[{host}]" if ":" in host else host
-    url = f"http://{host}:{port}/metrics"
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        text = response.read().decode()
-    return samples(text_string_to_metric_families(text))
-
-
-def metric(scraped: Scraped, name: str, **labels: str) -> float:
-    """One value from `scrape()`; 0 when the series is absent (a counter never moved)."""
-    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)

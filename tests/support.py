@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.launcher import ROOT, ServerProcess, services_command
+from harness.scrape import metric, scrape
 from loadtest.attacks import AT_THE_CAP
 from loadtest.floodrun import FloodRun, RunSettings, Target
 from services.app import Service
 from services.config import Config
-from services.launcher import ROOT, ServerProcess, services_command
-from services.metrics import metric, scrape
 from services.metrics_http import MAX_CONNECTIONS as METRICS_CLIENTS
 from services.models import MODELS
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
+from harness.dashboard import PAGE, Expression, expressions, page_url
 from loadtest.attacks import AT_THE_CAP, SCENARIOS
 from loadtest.containers import container_address
 from loadtest.flood import RunSettings, Target
-from services.dashboard import PAGE, Expression, expressions, page_url
 from services.models import MODELS
 from support import (
     ROOT,

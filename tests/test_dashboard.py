@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.dashboard import PAGE, Expression, attack_url, expressions, page_url
+from harness.dashboard import PAGE, Expression, attack_url, expressions, page_url
 from support import ROOT, running
 
 # A name in an expression: a metric family or series (echo_*, process_*) or a recording rule.
@@ -125,7 +125,7 @@ def test_a_broken_page_would_be_caught() -> None:
 
 def test_it_prints_the_address_with_no_prometheus_running() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "services.dashboard", "--prometheus", "http://127.0.0.1:9"],
+        [sys.executable, "-m", "harness.dashboard", "--prometheus", "http://127.0.0.1:9"],
         capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -134,7 +134,7 @@ def test_it_prints_the_address_with_no_prometheus_running() -> None:
 
 def test_a_window_that_ends_before_it_starts_is_one_line_and_exit_2() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "services.dashboard", "--start", "20", "--end", "10"],
+        [sys.executable, "-m", "harness.dashboard", "--start", "20", "--end", "10"],
         capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
     )  # fmt: skip
     assert result.returncode == 2 and result.stdout == ""

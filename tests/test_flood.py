@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from _pytest.mark.structures import ParameterSet
 
+from harness.launcher import UNDER_AS_LIMIT
 from loadtest.attacks import AT_THE_CAP, SCENARIOS
 from loadtest.breaking import LIMIT_STEPS, find_limit
 from loadtest.flood import FloodRun, RunSettings, Target
 from loadtest.observe import Sample
 from services.budget import default_cap
-from services.launcher import UNDER_AS_LIMIT
 from support import (
     BOUNDED,
     LIMITED,

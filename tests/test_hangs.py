@@ -18,8 +18,8 @@ from socket import socket as socket_type
 
 import pytest
 
+from harness.launcher import services_command
 from services.base import SHUTDOWN_DEADLINE
-from services.launcher import services_command
 from support import (
     BOUNDED,
     EVENTUALLY,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.launcher import UNDER_AS_LIMIT
 from services import procfs
-from services.app import Service
+from services.app import Service, server_class
 from services.budget import METRICS_CLIENTS, default_cap
-from services.launcher import UNDER_AS_LIMIT
 from services.models import MODELS
 from support import (
     BOUNDED,
@@ -240,7 +240,7 @@ def test_metrics_answer_while_1000_idle_connections_sit_on_the_echo_port(
 def test_the_accept_queue_and_its_overflows_are_measured() -> None:
     # A server that listens but does not accept yet: completed handshakes queue in the
     # kernel, and past the backlog they are dropped (the SYN-retry stalls of a flood).
-    server = MODELS["executor"].server_class()(config("executor", backlog=2))
+    server = server_class(MODELS["executor"])(config("executor", backlog=2))
     server.bind()
     overflows_before = procfs.listen_overflows()
     clients = []

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from harness.scrape import metric, scrape
 from loadtest.exporter import REPORT_KEY, LoadExporter
-from services.metrics import metric, scrape
 from services.models import MODELS
 from support import FIXED_PORTS, ROOT, running, wait_until
 

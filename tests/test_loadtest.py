@@ -195,7 +195,7 @@ def test_a_load_generator_over_90_percent_cpu_is_said_in_the_table_and_the_summa
 def test_make_load_against_up_local_lists_all_three_services(tmp_path: Path) -> None:
     log = (tmp_path / "cluster.log").open("wb")
     cluster = subprocess.Popen(
-        [sys.executable, "-m", "services.cluster"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        [sys.executable, "-m", "harness.cluster"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
     )
     try:
         wait_until(

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.launcher import services_command
 from services import base
 from services.base import SHUTDOWN_DEADLINE
-from services.launcher import services_command
 from services.models import MODELS
 from support import (
     FIXED_PORTS,
@@ -163,7 +163,7 @@ def test_environment_configures_the_server(tmp_path: Path) -> None:
 def test_up_local_serves_every_model_on_its_documented_ports(tmp_path: Path) -> None:
     log = (tmp_path / "cluster.log").open("wb")
     cluster = subprocess.Popen(
-        [sys.executable, "-m", "services.cluster"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        [sys.executable, "-m", "harness.cluster"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
     )
     try:
         for port, metrics_port in ((15001, 9101), (15002, 9102), (15003, 9103)):
@@ -194,7 +194,7 @@ def test_up_local_refuses_a_busy_port() -> None:
         squatter.bind(("127.0.0.1", 15002))
         squatter.listen()
         result = subprocess.run(
-            [sys.executable, "-m", "services.cluster"],
+            [sys.executable, "-m", "harness.cluster"],
             check=False,
             capture_output=True,
             text=True,

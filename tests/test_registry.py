@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.launcher import services_command
 from services.config import Config, parse_config
-from services.launcher import services_command
 from services.models import MODELS, ModelSpec, registered
 from support import ROOT, ServerProcess, echo_once, metric, scrape
 

@@ -5,26 +5,22 @@ defaults, the local cluster, the load and flood tools, the bench and the tests
 read the list and every per-model fact from `MODELS`; nothing else spells out
 the models' names or ports.
 
-The server class is imported only when a server is built, so that reading the
-registry (config, the flood tool) never imports the threading code.
+The registry imports no server: `app.build_server` imports a model's class when it
+builds one, so that reading the registry (config, the flood tool) never imports the
+threading code.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from services.base import Server
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    server: str  # "package.module:ClassName" of its `Server` subclass
+    server: str  # "package.module:ClassName" of its `Server` subclass (`app.build_server`)
     summary: str  # one line, for --help and the docs
     bounded: bool  # a fixed pool of workers; False means a thread per connection
     port: int  # default echo port (compose, `make up-local`, load and flood tools)
@@ -37,11 +33,6 @@ class ModelSpec:
     # it waits in the event loop and a worker echoes only what is there (the pools);
     # `connection`: it owns a worker (or a thread) for its whole life (the recipe's).
     dispatch_modes: tuple[str, ...] = ("ready", "connection")
-
-    def server_class(self) -> type[Server]:
-        module_name, _, class_name = self.server.partition(":")
-        cls: type[Server] = getattr(importlib.import_module(module_name), class_name)
-        return cls
 
 
 _DEFENDED = 10.0  # seconds, idle and send timeout of the bounded models
