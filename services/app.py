@@ -58,7 +58,7 @@ def build_watchdog(
         ),
     ]
     config = server.config
-    if config.parks or not config.bounded or (config.idle_timeout and config.send_timeout):
+    if config.ready_dispatch or not config.bounded or (config.idle_timeout and config.send_timeout):
         # With connection dispatch and a timeout off, a quiet client holds its worker
         # for good while others queue, which looks exactly like a hang: then only the
         # accept loop is watched.
@@ -134,7 +134,7 @@ def run_until_stopped(config: Config) -> int:
         mhost,
         mport,
         config.workers if config.bounded else "unbounded",
-        config.queue_size if config.bounded and not config.parks else "none",
+        config.queue_size if config.bounded and not config.ready_dispatch else "none",
         config.idle_timeout,
         config.send_timeout,
         config.dispatch,

@@ -30,7 +30,7 @@ from services.stats import ServerStats
 
 log = logging.getLogger("echo.server")
 
-_TICK = 1.0  # the loop turns at least this often (the watchdog's heartbeat)
+_TICK = 1.0  # the loop waits at most this long (the watchdog's heartbeat)
 _TCP_INFO_SIZE = 32  # enough of struct tcp_info for accept_queue()
 _DRAIN = 1.0  # seconds open connections get to finish after a stop request
 _WORKERS_GRACE = 2.0  # then seconds for workers to end once their connections are cut
@@ -77,7 +77,7 @@ class Server(ABC):
         self.loop = EventLoop(
             _TICK, partial(self._warn.warning, "out of memory in the event loop; carrying on")
         )
-        self.loop.every_turn(lambda _now: self.stats.accept_loop_ticks.incr())
+        self.loop.after_each_wait(lambda _now: self.stats.accept_loop_ticks.incr())
         self.ledger = Ledger(self.stats, lambda: self.loop.stopping, self._warn)
         self._stopped = threading.Event()
         self._accepting = threading.Event()
@@ -195,7 +195,7 @@ class Server(ABC):
         try:
             if capacity is not None and self.stats.active_connections() >= capacity:
                 self.dispatch.make_room(time.monotonic())
-            admitted = self.stats.try_admit(capacity, parked=self.config.parks)
+            admitted = self.stats.try_admit(capacity, ready_dispatch=self.config.ready_dispatch)
         except BaseException:
             conn.close()  # out of memory before it was counted: as if never accepted
             raise

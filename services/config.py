@@ -153,7 +153,7 @@ class Config:
         return self.spec.bounded
 
     @property
-    def parks(self) -> bool:
+    def ready_dispatch(self) -> bool:
         """Connections wait in the event loop, not on a worker (`ready` dispatch)."""
         return self.dispatch == "ready"
 
@@ -162,7 +162,7 @@ class Config:
         """Connections admitted at once, or None for no limit (thread per connection)."""
         if not self.bounded:
             return None
-        return self.max_connections if self.parks else self.workers + self.queue_size
+        return self.max_connections if self.ready_dispatch else self.workers + self.queue_size
 
 
 def _check(ok: bool, flag: str, problem: str) -> None:

@@ -44,7 +44,7 @@ class Connection:
         return len(self.unsent)
 
 
-def over_budget(writers: Iterable[Connection], pending: int, budget: int) -> list[Connection]:
+def writers_to_close(writers: Iterable[Connection], pending: int, budget: int) -> list[Connection]:
     """The writers to close to bring `pending` bytes of unsent echoes within `budget`: the
     longest stalled first (`writers` is in stall order), and only those that hold an echo;
     one whose echo waits in the kernel (held back, see `serve_turn`) costs the budget
@@ -70,7 +70,7 @@ def worth_until(admitted: float, received: int, min_rate: int) -> float:
 
 
 def served_first(conn: Connection, min_rate: int, now: float) -> bool:
-    """Whether a ready connection goes ahead of the others in the pool's queue: one that
+    """Whether a connection with an event goes ahead of the others in the pool's queue: one that
     keeps to the minimum rate (`worth_until` is still to come), or one not served yet
     (a newcomer's first message); every one when there is no minimum rate. Under more
     load than the pool can take, those behind the rate wait, and the others do not wait

@@ -21,7 +21,7 @@ from services.echo import close_reason_for, echo
 from services.ledger import Ledger
 from services.logs import RateLimitedLog, quietly
 from services.states import Closed, Rejected, State
-from services.stats import ServerStats, persist
+from services.stats import ServerStats, retrying
 
 log = logging.getLogger("echo.dispatch")
 
@@ -109,7 +109,7 @@ class ConnectionDispatch(Dispatch):
         state = State.QUEUED
         reason = Closed.ERROR
         try:
-            persist(stats.on_start)
+            retrying(stats.on_start)
             state = State.BUSY
             if self.ledger.stopping():
                 reason = Closed.SHUTDOWN
@@ -119,7 +119,7 @@ class ConnectionDispatch(Dispatch):
                 conn,
                 idle_timeout=self._config.idle_timeout,
                 send_timeout=self._config.send_timeout,
-                on_traffic=partial(persist, stats.on_traffic),
+                on_traffic=partial(retrying, stats.on_traffic),
                 waited=time.monotonic() - self.ledger.accepted_at(conn),
             )
         except OSError as error:

@@ -1,4 +1,4 @@
-"""How ready connections reach the pool's workers (`ready` dispatch): one queue (those
+"""How connections with an event reach the pool's workers (`ready` dispatch): one queue (those
 that keep to the minimum rate first, `connection.served_first`), and a job on the pool
 only for a connection that no worker is free to take.
 
@@ -45,7 +45,7 @@ def won(claim: list[object]) -> bool:
     return True
 
 
-class ReadyQueue(Generic[Item]):
+class PoolQueue(Generic[Item]):
     def __init__(
         self,
         workers: int,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from services.concurrency import SharedCounter
 from services.logs import RateLimitedLog
 from services.states import Closed, Rejected, State
-from services.stats import ServerStats, persist
+from services.stats import ServerStats, retrying
 
 # While stopping, a connection that ends this way was most likely cut by the shutdown.
 _CUT_SHORT = frozenset({Closed.EOF, Closed.RESET, Closed.ERROR})
@@ -66,6 +66,6 @@ class Ledger:
         """Move one connection between counters; never raises (a worker must not die of
         a count it could not make, though the count is then lost and said so)."""
         try:
-            persist(self._stats.move, self._stats.counter(state), target)
+            retrying(self._stats.move, self._stats.counter(state), target)
         except MemoryError:
             self._warn.warning("out of memory while counting a connection; a count is lost")

@@ -5,11 +5,11 @@ What it owns, so that neither the echo server nor the metrics endpoint writes it
 - a coalesced wake-up (`wake()`: at most one byte in flight, from any thread);
 - listeners that back off when accept() fails (descriptors and memory run out under the
   floods) and never lose a descriptor they were given (`accept_connection`);
-- deadlines: each turn waits at most until the earliest one its users ask for;
-- running out of memory: a turn that fails to allocate pauses as accept does, a callback
+- deadlines: each wait lasts at most until the earliest one its users ask for;
+- running out of memory: a pass that fails to allocate pauses as accept does, a callback
   that fails is reported, and the loop goes on.
 Everything registered with it runs on its thread: callbacks for events (`watch`), and
-what runs after every turn (`every_turn`), in the order registered.
+what runs after every wait (`after_each_wait`), in the order registered.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from services.logs import RateLimitedLog, quietly
 log = logging.getLogger("echo.loop")
 
 Callback = Callable[[Any, int], None]  # (the registered file object, the event mask)
-ACCEPT_BATCH = 64  # accepts per event, so the rest of the loop still gets its turn
+ACCEPT_BATCH = 64  # accepts per event, so the rest of the loop is not kept waiting
 
 
 class _Listener:
@@ -55,7 +55,7 @@ class _Listener:
 class EventLoop:
     def __init__(self, tick: float, out_of_memory: Callable[[], None]) -> None:
         """`tick`: the longest wait for events; `out_of_memory`: told each time running
-        out of memory cost the loop a turn or a callback (it must not raise)."""
+        out of memory cost the loop a pass or a callback (it must not raise)."""
         self._tick = tick
         self._out_of_memory = out_of_memory
         self._selector = selectors.DefaultSelector()
@@ -66,7 +66,7 @@ class EventLoop:
         self._stopping = threading.Event()
         self._woken = False
         self._on_wake_calls: list[Callable[[], None]] = []
-        self._after_turn: list[Callable[[float], None]] = []
+        self._after_wait: list[Callable[[float], None]] = []
         self._deadlines: list[Callable[[float], float]] = []
         self._listeners: list[_Listener] = []
         self.woke_at = 0.0  # monotonic: when the last select() returned
@@ -87,14 +87,14 @@ class EventLoop:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(fileobj)
 
-    def every_turn(
+    def after_each_wait(
         self,
         after: Callable[[float], None],
         deadline: Callable[[float], float] | None = None,
     ) -> None:
         """Call `after(now)` after every wait for events, woken or not; `deadline(now)`,
         if given, says when it must run next at the latest (monotonic)."""
-        self._after_turn.append(after)
+        self._after_wait.append(after)
         if deadline is not None:
             self._deadlines.append(deadline)
 
@@ -122,7 +122,7 @@ class EventLoop:
     def wake(self) -> None:
         """Wake the loop (at most one byte in flight). Never raises. The flag stays set
         only while a byte is in flight: a wake-up that sent nothing clears it, so the
-        next one tries again (what runs after every turn runs woken or not)."""
+        next one tries again (what runs after every wait runs woken or not)."""
         if self._woken:
             return
         self._woken = True
@@ -134,7 +134,8 @@ class EventLoop:
             self._woken = False
 
     def stop(self) -> None:
-        """Ask the loop to end after its turn. Safe from signal handlers and other threads."""
+        """Ask the loop to end after its current pass. Safe from signal handlers and
+        other threads."""
         self._stopping.set()
         # A full or closed wake-up socket means the loop is waking up already.
         with contextlib.suppress(OSError):
@@ -147,15 +148,15 @@ class EventLoop:
     # -- running -------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Turn until `stop()`, outliving turns that run out of memory: select() and
-        every callback allocate, so after such a turn the loop pauses as accept does
+        """Pass after pass until `stop()`, outliving passes that run out of memory:
+        select() and every callback allocate, so after such a pass the loop pauses as accept does
         (10 ms, doubling to 1 s while memory stays out), which leaves the CPU and the
         GIL to the threads whose ending frees memory: retrying at once kept the
         process starved."""
         pause = 0.0
         while not self._stopping.is_set():
             try:
-                self._turn()
+                self._once()
                 pause = 0.0
             except MemoryError:
                 self._out_of_memory()
@@ -168,7 +169,7 @@ class EventLoop:
         self._wake_reader.close()
         self._wake_writer.close()
 
-    def _turn(self) -> None:
+    def _once(self) -> None:
         now = time.monotonic()
         timeout = self._tick
         for listener in self._listeners:
@@ -183,7 +184,7 @@ class EventLoop:
         for key, mask in events:
             self._call(key.data, key.fileobj, mask)
         now = time.monotonic()
-        for after in self._after_turn:
+        for after in self._after_wait:
             after(now)  # MemoryError: the loop pauses (`run`)
 
     def _call(self, callback: Callback, fileobj: Any, mask: int) -> None:

@@ -95,7 +95,7 @@ class MetricsServer:
         except BaseException:
             self._listener.close()
             raise
-        self._loop.every_turn(self._expire)
+        self._loop.after_each_wait(self._expire)
         self._thread = threading.Thread(target=self._loop.run, name="echo-metrics", daemon=True)
 
     @property

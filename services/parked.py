@@ -59,7 +59,7 @@ class ParkedSet:
         Never raises."""
         self._by_fd.pop(conn.fd, None)
 
-    def ready(self, most: int) -> list[Connection]:
+    def with_events(self, most: int) -> list[Connection]:
         """Connections with an event, at most `most`, without waiting. Each is disarmed
         now: one that is not served must be armed again."""
         by_fd = self._by_fd

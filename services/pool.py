@@ -22,7 +22,7 @@ class PoolServer(Server):
         """Run `job` on a worker of the pool, in turn. Must not block."""
 
     def build_dispatch(self) -> Dispatch:
-        if self.config.parks:
+        if self.config.ready_dispatch:
             return ReadyDispatch(self.config, self.stats, self.ledger, self.loop, self._submit)
         return ConnectionDispatch(
             self.config, self.stats, self.ledger, self._submit, self.config.queue_size

@@ -79,7 +79,7 @@ def _check_descriptors(config: Config, limit: int | None) -> None:
     needed = connections + RESERVED
     if limit is None or needed <= limit:
         return
-    if config.parks:
+    if config.ready_dispatch:
         flag, what = "--max-connections", f"{connections} connections"
     else:
         flag, what = "--workers", f"{config.workers} workers and {config.queue_size} waiting"

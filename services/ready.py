@@ -38,9 +38,9 @@ import time
 from collections import deque
 
 from services.config import Config
-from services.connection import Connection, over_budget, served_first
+from services.connection import Connection, served_first, writers_to_close
 from services.dispatch import Dispatch, Submit
-from services.drain import ReadyQueue
+from services.drain import PoolQueue
 from services.echo import Turn, close_reason_for, echo_turn, set_kernel_timeout, worker_buffer
 from services.ledger import Ledger
 from services.logs import RateLimitedLog, quietly
@@ -48,7 +48,7 @@ from services.loop import EventLoop
 from services.parked import INTEREST, READ, WRITE, ParkedSet
 from services.parking import Parking
 from services.states import Closed, State, Wait
-from services.stats import ServerStats, persist
+from services.stats import ServerStats, retrying
 
 log = logging.getLogger("echo.ready")
 
@@ -71,7 +71,7 @@ class ReadyDispatch(Dispatch):
         self.entry = State.WAITING
         self.queue_capacity = config.max_connections
         self._parked = ParkedSet()  # what parked connections wait for
-        self._queue: ReadyQueue[Connection] = ReadyQueue(config.workers, submit, self.serve_turn)
+        self._queue: PoolQueue[Connection] = PoolQueue(config.workers, submit, self.serve_turn)
         self._warn = RateLimitedLog(log)
         self._parking = Parking(  # the loop's lists of parked connections
             config.idle_timeout, config.send_timeout, config.min_rate, WRITABLE_REST
@@ -85,7 +85,7 @@ class ReadyDispatch(Dispatch):
         except BaseException:
             self._parked.close()
             raise
-        loop.every_turn(self._after_wait, self.next_deadline)
+        loop.after_each_wait(self._after_wait, self.next_deadline)
         loop.on_wake(self._after_wake)
 
     # -- on the loop's thread ------------------------------------------------------------
@@ -120,13 +120,13 @@ class ReadyDispatch(Dispatch):
 
     def _on_events(self, _parked: ParkedSet, _mask: int) -> None:
         try:
-            ready: list[Connection | None] = list(self._parked.ready(_EVENTS_PER_WAKE))
+            woken: list[Connection | None] = list(self._parked.with_events(_EVENTS_PER_WAKE))
         except MemoryError:  # after epoll_wait took the events, they are lost with the list
             self._arm_again()
             raise
-        self._queue_ready(ready)
+        self._queue_woken(woken)
         self._call_workers()
-        if ready:
+        if woken:
             self._stats.loop_lag.observe(time.monotonic() - self._loop.woke_at)
 
     def _arm_again(self) -> None:
@@ -141,25 +141,25 @@ class ReadyDispatch(Dispatch):
                 with contextlib.suppress(OSError):  # closed meanwhile, or epoll_ctl failed
                     self._parked.arm(conn, INTEREST[conn.state])
 
-    def _ready(self, conn: Connection) -> None:
-        """Queue one connection with an event for the pool (see `_queue_ready`)."""
+    def _queue_one(self, conn: Connection) -> None:
+        """Queue one connection with an event for the pool (see `_queue_woken`)."""
         self._one[0] = conn  # a list made beforehand: this allocates nothing
-        self._queue_ready(self._one)
+        self._queue_woken(self._one)
 
-    def _queue_ready(self, ready: list[Connection | None]) -> None:
+    def _queue_woken(self, woken: list[Connection | None]) -> None:
         """Queue connections with an event for the pool (`_call_workers()` after), and
         count them in one step per state they leave, not one per connection: at the
         cap, the loop's thread is what every connection waits for. Never raises: each
         event is taken, and a connection neither served nor closed would wait forever.
-        Overwrites `ready` (None for each connection it does not queue)."""
-        readers, writers = self._unpark_ready(ready)
-        self._count_queued(ready, State.WAITING, readers)
-        self._count_queued(ready, State.WRITING, writers)
+        Overwrites `woken` (None for each connection it does not queue)."""
+        readers, writers = self._unpark_woken(woken)
+        self._count_queued(woken, State.WAITING, readers)
+        self._count_queued(woken, State.WRITING, writers)
         now = time.monotonic()
-        for i, conn in enumerate(ready):
+        for i, conn in enumerate(woken):
             if conn is None:
                 continue
-            ready[i] = None  # `_one` keeps no connection alive
+            woken[i] = None  # `_one` keeps no connection alive
             conn.state = State.QUEUED
             conn.ready_at = now
             try:
@@ -167,17 +167,17 @@ class ReadyDispatch(Dispatch):
             except MemoryError:
                 self._close(conn, Closed.ERROR)
 
-    def _unpark_ready(self, ready: list[Connection | None]) -> tuple[int, int]:
+    def _unpark_woken(self, woken: list[Connection | None]) -> tuple[int, int]:
         """Take the parked ones out of their sets; how many were reading, and writing."""
         readers = writers = 0
-        for i, conn in enumerate(ready):
+        for i, conn in enumerate(woken):
             if conn is None:
                 continue
             if not self._parking.holds(conn):
                 # Handed back but not taken back yet (its worker armed it before handing
                 # it back): served once it is; or closed earlier in the same batch.
                 conn.early = True
-                ready[i] = None
+                woken[i] = None
                 continue
             conn.woke_writable = conn.state is State.WRITING  # a resting one has no events
             self._parking.unpark(conn)
@@ -187,18 +187,18 @@ class ReadyDispatch(Dispatch):
                 readers += 1
         return readers, writers
 
-    def _count_queued(self, ready: list[Connection | None], source: State, count: int) -> None:
-        """Count the `count` connections of `ready` in `source` as queued (the caller
+    def _count_queued(self, woken: list[Connection | None], source: State, count: int) -> None:
+        """Count the `count` connections of `woken` in `source` as queued (the caller
         sets their state); closes them if that fails."""
         stats = self._stats
         try:
             if count:
-                persist(stats.move, stats.counter(source), stats.queued, count)
+                retrying(stats.move, stats.counter(source), stats.queued, count)
         except MemoryError:
-            for i, conn in enumerate(ready):
+            for i, conn in enumerate(woken):
                 if conn is not None and conn.state is source:
                     self._close(conn, Closed.ERROR)
-                    ready[i] = None
+                    woken[i] = None
 
     def _call_workers(self) -> None:
         """Jobs on the pool for the queued connections; those the pool refused wait for
@@ -230,7 +230,7 @@ class ReadyDispatch(Dispatch):
                 else:
                     if conn.early:  # its event came while it was on its way back
                         conn.early = False
-                        self._ready(conn)
+                        self._queue_one(conn)
             with contextlib.suppress(MemoryError):  # past 256 an int allocates
                 self.taken_back += 1
         if self._loop.stopping:
@@ -240,7 +240,7 @@ class ReadyDispatch(Dispatch):
             self._loop.wake()  # more than one wake's worth: come back after the rest
         pending, budget = self._stats.pending_output.value, self._config.output_budget
         if pending > budget:
-            for conn in over_budget(self._parking.writers_by_stall(), pending, budget):
+            for conn in writers_to_close(self._parking.writers_by_stall(), pending, budget):
                 self._close_parked(conn, Closed.SLOW_READER)
 
     def next_deadline(self, now: float) -> float:
@@ -296,7 +296,7 @@ class ReadyDispatch(Dispatch):
         raises. By whoever owns it: the loop's thread, or its worker."""
         if conn.unsent:
             with contextlib.suppress(MemoryError):
-                persist(self._stats.pending_output.decr, len(conn.unsent))
+                retrying(self._stats.pending_output.decr, len(conn.unsent))
             conn.unsent = b""
         self._parked.forget(conn)
         self._ledger.finish(conn.sock, conn.state, reason)
@@ -306,7 +306,7 @@ class ReadyDispatch(Dispatch):
 
     def serve_turn(self, conn: Connection) -> bool:
         """Echo what `conn` has for us, then hand it back to the loop or close it; True
-        if the turn lingered (`ReadyQueue.linger`). Never raises: whatever happens, the
+        if the turn lingered (`PoolQueue.linger`). Never raises: whatever happens, the
         connection is parked again or closed and counted."""
         stats = self._stats
         turn = Turn()
@@ -314,7 +314,7 @@ class ReadyDispatch(Dispatch):
         outcome: Wait | Closed = Closed.ERROR
         try:
             stats.dispatch_wait.observe(time.monotonic() - conn.ready_at)
-            persist(stats.on_start)
+            retrying(stats.on_start)
             conn.state = State.BUSY
             if self._loop.stopping:
                 outcome = Closed.SHUTDOWN
@@ -346,7 +346,7 @@ class ReadyDispatch(Dispatch):
                 writing = outcome is Wait.WRITE
                 unsent = conn.settle(turn.received, turn.sent, writing, time.monotonic())
                 if unsent != pending_before:
-                    persist(self._stats.pending_output.incr, unsent - pending_before)
+                    retrying(self._stats.pending_output.incr, unsent - pending_before)
                 self._after_turn(conn, outcome, turn)
             except MemoryError:
                 self._close(conn, Closed.ERROR)
@@ -359,7 +359,7 @@ class ReadyDispatch(Dispatch):
         traffic = turn.unpublished()
         if isinstance(outcome, Wait) and not self._loop.stopping and conn.state is State.BUSY:
             parked = _parked_after(conn, outcome, turn)
-            persist(stats.hand_back, stats.counter(parked), *traffic)
+            retrying(stats.hand_back, stats.counter(parked), *traffic)
             conn.state = parked
             events = INTEREST.get(parked)  # a resting writer is armed by the loop, later
             try:
@@ -383,13 +383,13 @@ class ReadyDispatch(Dispatch):
             self._close(conn, Closed.SHUTDOWN)
             return
         if any(traffic):
-            persist(stats.on_traffic, *traffic)
+            retrying(stats.on_traffic, *traffic)
         if isinstance(outcome, Wait):
             outcome = Closed.SHUTDOWN if self._loop.stopping else Closed.ERROR
         self._close(conn, outcome)
 
     def _publish(self, received: int, sent: int, messages: int) -> None:
-        persist(self._stats.on_traffic, received, sent, messages)
+        retrying(self._stats.on_traffic, received, sent, messages)
 
     def _no_one_waiting(self) -> bool:
         """Whether every connection handed to the pool has a worker free to take it, even

@@ -44,7 +44,7 @@ _COUNT_TRIES = 3
 T = TypeVar("T")
 
 
-def persist(step: Callable[..., T], *args: Any) -> T:
+def retrying(step: Callable[..., T], *args: Any) -> T:
     """Run a counting step, trying again if memory runs out meanwhile.
 
     Counting allocates (integers, lock bookkeeping), and under an address-space limit
@@ -197,17 +197,17 @@ class ServerStats:
         """The counter of connections in `state` (KeyError for CLOSED: closed{reason})."""
         return self._counters[state]
 
-    def try_admit(self, capacity: int | None, parked: bool = False) -> bool:
-        """Count an accepted connection and admit it (queued for a worker, or `parked`
-        waiting for bytes), unless `capacity` are already in."""
-        full = self.rejected["at_cap" if parked else "queue_full"]
+    def try_admit(self, capacity: int | None, ready_dispatch: bool = False) -> bool:
+        """Count an accepted connection and admit it (queued for a worker, or with
+        `ready_dispatch` waiting in the loop for bytes), unless `capacity` are already in."""
+        full = self.rejected[Rejected.AT_CAP if ready_dispatch else Rejected.QUEUE_FULL]
         states = (self.queued, self.busy, self.waiting, self.writing)
         with locked(self.accepted, full, *states):
             self.accepted.add_locked(1)
             if capacity is not None and sum(s.value_locked() for s in states) >= capacity:
                 full.add_locked(1)
                 return False
-            (self.waiting if parked else self.queued).add_locked(1)
+            (self.waiting if ready_dispatch else self.queued).add_locked(1)
             return True
 
     def move(self, source: SharedCounter, target: SharedCounter, count: int = 1) -> None:

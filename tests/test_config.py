@@ -69,7 +69,7 @@ def test_the_threads_model_has_only_connection_dispatch() -> None:
 def test_with_ready_dispatch_the_watchdog_may_be_shorter_than_the_timeouts() -> None:
     # No worker ever waits on a client, so a long timeout is no stall.
     config = Config(model="queue", idle_timeout=120.0, watchdog_timeout=10.0)
-    assert config.dispatch == "ready" and config.parks
+    assert config.dispatch == "ready" and config.ready_dispatch
 
 
 def test_the_config_is_frozen() -> None:

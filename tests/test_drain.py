@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 import services.drain
-from services.drain import ReadyQueue
+from services.drain import PoolQueue
 from support import EVENTUALLY, wait_until
 
 
@@ -35,7 +35,7 @@ def quick(served: list[int]) -> Callable[[int], bool]:
 
 def test_a_job_per_item_up_to_runnable_and_one_job_serves_them_all() -> None:
     pool, served = Pool(), list[int]()
-    queue: ReadyQueue[int] = ReadyQueue(32, pool.submit, quick(served))
+    queue: PoolQueue[int] = PoolQueue(32, pool.submit, quick(served))
     for item in range(10):
         queue.put(item)
     assert queue.call_workers()
@@ -51,7 +51,7 @@ def test_a_job_per_item_up_to_runnable_and_one_job_serves_them_all() -> None:
 
 def test_items_put_first_are_served_before_the_others() -> None:
     pool, served = Pool(), list[int]()
-    queue: ReadyQueue[int] = ReadyQueue(1, pool.submit, quick(served))
+    queue: PoolQueue[int] = PoolQueue(1, pool.submit, quick(served))
     for item in range(3):
         queue.put(item)
     queue.put(10, first=True)
@@ -63,7 +63,7 @@ def test_items_put_first_are_served_before_the_others() -> None:
 
 def test_never_more_jobs_than_workers() -> None:
     pool = Pool()
-    queue: ReadyQueue[int] = ReadyQueue(2, pool.submit, quick([]))
+    queue: PoolQueue[int] = PoolQueue(2, pool.submit, quick([]))
     for item in range(10):
         queue.put(item)
     assert queue.call_workers() and len(pool.jobs) == 2
@@ -71,7 +71,7 @@ def test_never_more_jobs_than_workers() -> None:
 
 def test_no_job_for_an_item_a_free_job_will_take() -> None:
     pool = Pool()
-    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, quick([]))
+    queue: PoolQueue[int] = PoolQueue(8, pool.submit, quick([]))
     queue.put(1)
     assert queue.call_workers() and len(pool.jobs) == 1
     queue.put(2)
@@ -80,7 +80,7 @@ def test_no_job_for_an_item_a_free_job_will_take() -> None:
 
 
 @contextmanager
-def serving_first(queue: ReadyQueue[int], pool: Pool, started: threading.Event) -> Iterator[None]:
+def serving_first(queue: PoolQueue[int], pool: Pool, started: threading.Event) -> Iterator[None]:
     """Run the first job on a thread of its own until the block ends (it waits in its
     turn on item 1 until then)."""
     queue.put(1)
@@ -114,7 +114,7 @@ def test_an_item_queued_while_every_runnable_job_serves(
             release.wait(EVENTUALLY)
         return lingers and item == 1
 
-    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, serve)
+    queue: PoolQueue[int] = PoolQueue(8, pool.submit, serve)
     with serving_first(queue, pool, started):
         queue.put(2)
         assert queue.call_workers()
@@ -142,7 +142,7 @@ def test_a_job_that_starts_to_linger_calls_another_for_what_it_was_counted_on(
             release.wait(EVENTUALLY)
         return item == 1
 
-    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, serve)
+    queue: PoolQueue[int] = PoolQueue(8, pool.submit, serve)
     with serving_first(queue, pool, started):
         queue.put(2)
         assert queue.call_workers() and not pool.jobs  # the busy job will come back
@@ -172,7 +172,7 @@ def test_a_job_ends_after_its_turn_while_enough_others_do_not_linger(
             release.wait(EVENTUALLY)
         return item == 1
 
-    queue: ReadyQueue[int] = ReadyQueue(8, pool.submit, serve)
+    queue: PoolQueue[int] = PoolQueue(8, pool.submit, serve)
     with serving_first(queue, pool, started):
         queue.put(2)
         queue.put(3)
@@ -194,7 +194,7 @@ def test_a_refused_job_is_not_counted_and_the_items_wait() -> None:
             raise refusals.pop()
         pool.submit(job)
 
-    queue: ReadyQueue[int] = ReadyQueue(2, submit, quick([]))
+    queue: PoolQueue[int] = PoolQueue(2, submit, quick([]))
     queue.put(1)
     assert not queue.call_workers()
     assert queue.jobs == 0 and len(queue) == 1
@@ -209,7 +209,7 @@ def test_a_job_queued_by_a_submit_that_then_failed_runs_or_not_but_counts_once()
         raise MemoryError  # after queuing, as queue.Queue.put can
 
     served: list[int] = []
-    queue: ReadyQueue[int] = ReadyQueue(2, submit, quick(served))
+    queue: PoolQueue[int] = PoolQueue(2, submit, quick(served))
     queue.put(1)
     assert not queue.call_workers()  # the submitter took the claim: never counted
     assert queue.jobs == 0

@@ -82,7 +82,7 @@ def inject(server: RunningService, step: str, monkeypatch: pytest.MonkeyPatch) -
         target = SERVER_STEPS[step](server.service.server)
         fault = FailOnce(getattr(target, step))
         monkeypatch.setattr(target, step, fault)
-    elif server.service.config.parks:
+    elif server.service.config.ready_dispatch:
         fault = FailOnce(services.echo.echo_turn)
         monkeypatch.setattr(services.ready, "echo_turn", fault)  # where it is looked up
     else:
@@ -144,7 +144,7 @@ def test_a_loop_outlives_turns_that_run_out_of_memory_and_backs_off_while_they_d
     turns = 0
     loop = EventLoop(1.0, lambda: warned.append(turns))
 
-    def turn() -> None:
+    def once() -> None:
         nonlocal turns
         turns += 1
         if turns == 6:
@@ -152,7 +152,7 @@ def test_a_loop_outlives_turns_that_run_out_of_memory_and_backs_off_while_they_d
         if (outcome := next(outcomes)) is not None:
             raise outcome
 
-    monkeypatch.setattr(loop, "_turn", turn)
+    monkeypatch.setattr(loop, "_once", once)
     monkeypatch.setattr(services.loop, "time", SimpleNamespace(sleep=pauses.append))
     try:
         loop.run()

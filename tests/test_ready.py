@@ -15,7 +15,7 @@ import pytest
 
 import services.parked
 import services.ready
-from services.connection import Connection, over_budget
+from services.connection import Connection, writers_to_close
 from services.echo import READ_SIZE, RECEIVE_BUFFER, Turn, echo_turn, set_kernel_timeout
 from services.ready import WRITABLE_REST
 from services.states import Closed, Wait
@@ -193,11 +193,11 @@ def test_over_the_budget_the_longest_stalled_writer_holding_an_echo_is_closed() 
         unsents = (b"", b"a" * 40_000, b"b" * 30_000, b"c" * 40_000)
         for conn, unsent in zip(writers, unsents, strict=True):
             conn.unsent = unsent
-        assert over_budget(writers, 110_000, 110_000) == []
-        assert over_budget(writers, 110_001, 110_000) == [writers[1]]
-        assert over_budget(writers, 110_000, 50_000) == [writers[1], writers[2]]
-        assert over_budget(writers, 110_000, 0) == writers[1:]
-        assert over_budget(writers[:1], 10_000, 0) == []  # closing it would free nothing
+        assert writers_to_close(writers, 110_000, 110_000) == []
+        assert writers_to_close(writers, 110_001, 110_000) == [writers[1]]
+        assert writers_to_close(writers, 110_000, 50_000) == [writers[1], writers[2]]
+        assert writers_to_close(writers, 110_000, 0) == writers[1:]
+        assert writers_to_close(writers[:1], 10_000, 0) == []  # closing it would free nothing
     finally:
         for pair in pairs:
             for sock in pair:
@@ -301,13 +301,13 @@ def test_the_loop_lag_histogram_times_from_the_wake_up_to_the_hand_over(
 ) -> None:
     # The loop spends 30 ms between waking and taking the parked set's events: every
     # observation must hold them (a clock started after the wake-up would not).
-    taken = services.parked.ParkedSet.ready
+    taken = services.parked.ParkedSet.with_events
 
     def slow_ready(self: services.parked.ParkedSet, most: int) -> list[Connection]:
         time.sleep(0.03)
         return taken(self, most)
 
-    monkeypatch.setattr(services.parked.ParkedSet, "ready", slow_ready)
+    monkeypatch.setattr(services.parked.ParkedSet, "with_events", slow_ready)
     with running("queue", workers=2, linger=0.0) as server, connect(server.address) as sock:
         for n in range(5):  # no linger: every message is the loop's to hand over
             assert roundtrip(sock, b"%d" % n) == b"%d" % n

@@ -155,8 +155,8 @@ def test_events_lost_to_a_memory_error_after_epoll_wait_are_served_all_the_same(
             for sock in clients:
                 assert roundtrip(sock, b"parked") == b"parked"
             parked = parked_set(server)
-            fault = RaiseOnce(parked.ready, MemoryError(), first=False)
-            monkeypatch.setattr(parked, "ready", fault)
+            fault = RaiseOnce(parked.with_events, MemoryError(), first=False)
+            monkeypatch.setattr(parked, "with_events", fault)
             for sock in clients:
                 sock.sendall(b"after the lost events")
             for sock in clients:

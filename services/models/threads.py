@@ -33,7 +33,7 @@ from services.config import Config
 from services.dispatch import ConnectionDispatch, Dispatch, Job
 from services.logs import RateLimitedLog
 from services.states import Closed, Rejected
-from services.stats import persist
+from services.stats import retrying
 
 log = logging.getLogger("echo.threads")
 
@@ -47,7 +47,7 @@ class ThreadPerConnectionServer(Server):
         # Connections handed to a thread that has not started yet, and by when it must.
         self._unclaimed: dict[Job, float] = {}
         super().__init__(config)
-        self.loop.every_turn(self._take_back_unclaimed)
+        self.loop.after_each_wait(self._take_back_unclaimed)
 
     def build_dispatch(self) -> Dispatch:
         return ConnectionDispatch(
@@ -68,7 +68,7 @@ class ThreadPerConnectionServer(Server):
     def _refuse(self, job: Job, error: BaseException | str) -> None:
         job.refuse(Rejected.THREAD_START_FAILED)  # first: it never raises
         with contextlib.suppress(MemoryError):
-            persist(self.stats.thread_start_failures.incr)
+            retrying(self.stats.thread_start_failures.incr)
         self._refusals.warning("cannot start a thread for a new connection: %s", error)
 
     def _take_back_unclaimed(self, now: float) -> None:
@@ -80,14 +80,14 @@ class ThreadPerConnectionServer(Server):
         if self._unclaimed.pop(job, None) is None:
             return  # too late: the loop has closed it and counted the refusal
         try:
-            persist(self.stats.worker_threads.incr)
+            retrying(self.stats.worker_threads.incr)
         except MemoryError:  # the thread runs but cannot be counted: close and count that
             job.close(Closed.ERROR)
             return
         try:
             job()  # never raises
         finally:
-            persist(self.stats.worker_threads.decr)
+            retrying(self.stats.worker_threads.decr)
 
     def stop_workers(self, deadline: float) -> bool:
         threading.stack_size(self._previous_stack_size)
