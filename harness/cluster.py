@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from harness.launcher import ServerProcess, launch, services_command
-from services.config import OneLineParser
+from services.cli import OneLineParser
 from services.models import MODELS
 
 _STOP_GRACE = 10.0

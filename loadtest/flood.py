@@ -29,7 +29,7 @@ from loadtest.breaking import (
 from loadtest.containers import container_address
 from loadtest.floodrun import FloodRun, RunSettings, Target, ensure_descriptors, flood
 from loadtest.verdict import DEFAULT_SETTLE, VERDICTS, Limits
-from services.config import OneLineParser
+from services.cli import OneLineParser
 
 __all__ = ["FloodRun", "RunSettings", "Target", "flood", "main"]
 from services.models import MODELS

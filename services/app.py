@@ -13,7 +13,8 @@ from types import FrameType
 
 from services import budget, preflight
 from services.base import PortInUseError, Server
-from services.config import Config, ConfigError, one_line, parse_config
+from services.cli import one_line, parse_config
+from services.config import Config, ConfigError
 from services.logs import exit_now
 from services.metrics import build_registry
 from services.metrics_http import MetricsServer

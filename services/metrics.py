@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from services import procfs
 from services.base import Server
-from services.stats import Histogram
+from services.stats import Histogram, StatsSnapshot
 from services.watchdog import Watchdog
 
 log = logging.getLogger("echo.metrics")
@@ -35,9 +35,17 @@ class EchoCollector(Collector):
         self._watchdog = watchdog
 
     def collect(self) -> Iterator[Metric]:
-        server, config = self._server, self._server.config
-        stats = server.stats.snapshot()
-        yield InfoMetricFamily(
+        stats = self._server.stats.snapshot()  # one snapshot: the counts balance
+        yield self._settings()
+        yield from self._connections(stats)
+        yield from self._latency()
+        yield from self._kernel()
+        if self._watchdog is not None:
+            yield from self._watchdog_metrics(self._watchdog)
+
+    def _settings(self) -> Metric:
+        config = self._server.config
+        return InfoMetricFamily(
             "echo_server",
             "The threading model and its settings.",
             value={
@@ -50,6 +58,10 @@ class EchoCollector(Collector):
                 "stack_size_bytes": str(config.stack_size) if not config.bounded else "default",
             },
         )
+
+    def _connections(self, stats: StatsSnapshot) -> Iterator[Metric]:
+        """Connections by state and by how they ended, traffic, workers."""
+        server = self._server
         yield _counter("connections_accepted", "Connections accepted.", stats.accepted)
         yield _gauge("connections_active", "Connections open: queued or served.", stats.active)
         yield _labeled_counter(
@@ -94,6 +106,9 @@ class EchoCollector(Collector):
             "Echoes the clients have not taken yet (ready dispatch).",
             server.stats.pending_output.value,
         )
+
+    def _latency(self) -> Iterator[Metric]:
+        server = self._server
         yield _histogram(
             "dispatch_wait",
             "From a connection turning readable to a worker starting on it (ready dispatch).",
@@ -105,6 +120,10 @@ class EchoCollector(Collector):
             "(ready dispatch): the wait before dispatch_wait.",
             server.stats.loop_lag,
         )
+
+    def _kernel(self) -> Iterator[Metric]:
+        """What the kernel says: the accept queue, dropped handshakes, threads."""
+        server = self._server
         if (queue := server.accept_queue()) is not None:
             yield _gauge(
                 "accept_queue",
@@ -125,21 +144,21 @@ class EchoCollector(Collector):
             "Connection threads the OS refused to start.",
             server.stats.thread_start_failures.value,
         )
-        if self._watchdog is not None:
-            yield _gauge("watchdog_timeout_seconds", "Stall allowed.", self._watchdog.timeout)
-            yield _gauge(
-                "watchdog_stalled_seconds",
-                "How long work has waited without progress.",
-                self._watchdog.stalled_seconds,
-            )
-            yield _gauge(
-                "watchdog_tripped", "1 once a hang was detected.", int(self._watchdog.tripped)
-            )
-            yield _counter(
-                "watchdog_freezes",
-                "Times the process was found to have been stopped (clocks restarted, no trip).",
-                self._watchdog.freezes,
-            )
+
+    @staticmethod
+    def _watchdog_metrics(watchdog: Watchdog) -> Iterator[Metric]:
+        yield _gauge("watchdog_timeout_seconds", "Stall allowed.", watchdog.timeout)
+        yield _gauge(
+            "watchdog_stalled_seconds",
+            "How long work has waited without progress.",
+            watchdog.stalled_seconds,
+        )
+        yield _gauge("watchdog_tripped", "1 once a hang was detected.", int(watchdog.tripped))
+        yield _counter(
+            "watchdog_freezes",
+            "Times the process was found to have been stopped (clocks restarted, no trip).",
+            watchdog.freezes,
+        )
 
 
 def os_thread_count() -> int:

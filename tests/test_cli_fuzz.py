@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import services.app
-from services.config import build_parser
+from services.cli import build_parser
 
 FLAGS = sorted(
     option

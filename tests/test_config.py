@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from services.budget import default_cap
-from services.config import Config, ConfigError, parse_config
+from services.cli import parse_config
+from services.config import Config, ConfigError
 from services.models import MODELS, ModelSpec
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from services.config import build_parser
+from services.cli import build_parser
 from support import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from harness.launcher import services_command
-from services.config import Config, parse_config
+from services.cli import parse_config
+from services.config import Config
 from services.models import MODELS, ModelSpec, registered
 from support import ROOT, ServerProcess, echo_once, metric, scrape
 
@@ -178,7 +179,7 @@ def test_a_new_model_is_one_module_and_one_registry_entry(
 
 
 def _help() -> str:
-    from services.config import build_parser  # noqa: PLC0415 (built while registered)
+    from services.cli import build_parser  # noqa: PLC0415 (built while registered)
 
     return " ".join(build_parser().format_help().split())
 

@@ -2,23 +2,19 @@
 
 The executor caps threads but its work queue is unbounded, so admission is
 capped in front of it by the base: at most `workers + queue_size` connections
-in at once. One more is closed at once and counted, instead of piling up
-(with its file descriptor) in the executor's queue behind busy workers.
+in at once (`connection` dispatch). One more is closed at once and counted,
+instead of piling up (with its file descriptor) in the executor's queue behind
+busy workers.
 
-Two changes to the stock executor, both for bursts of connections under load
-(measured here with 256 connections at once on one busy CPU, where the last
-connections' first echo waited 1-2 s; 0.2 s with both):
+Two changes to the stock executor, so that a burst of connections is picked up
+by all idle workers together (docs/design.md, "The executor under a burst"):
 
 - Every worker is started up front. Left to itself the executor starts a thread
-  inside `submit()`, and `Thread.start()` waits until the new thread has run,
-  which under load means until it has had its turn at the GIL behind every busy
-  worker: the accept loop stalled for each new thread, 2.5 s for 224 of them.
-- Its work queue is a `queue.Queue`, not the stock `queue.SimpleQueue`. A
-  SimpleQueue wakes its waiting workers one after another: each woken worker
-  wakes the next only once it has taken the GIL and its item, so N connections
-  submitted at once are picked up one GIL turn apart (p50 0.4 s, max 1.3 s from
-  submit to serve here). A Queue's `put()` wakes a worker per item, and the N
-  workers queue for the GIL together (p50 16 ms, max 0.2 s).
+  inside `submit()`, and `Thread.start()` waits until the new thread has run: the
+  event loop must never wait for a worker to get the GIL.
+- Its work queue is a `queue.Queue`, not the stock `queue.SimpleQueue`: a
+  Queue's `put()` wakes a worker per item, where a SimpleQueue's woken worker
+  wakes the next only once it has had the GIL.
 """
 
 from __future__ import annotations
