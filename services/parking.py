@@ -71,6 +71,19 @@ class Parking:
     def holds(self, conn: Connection) -> bool:
         return conn in self._waiting or conn in self._writing
 
+    def take(self, conn: Connection) -> bool:
+        """`unpark` a connection with an event; False (and nothing done) if it is not
+        parked: handed back and not taken back yet, or closed."""
+        if conn in self._waiting:
+            del self._waiting[conn]
+            self._worth.remove(conn)
+            return True
+        if conn in self._writing:
+            del self._writing[conn]
+            self._send_clock.remove(conn)
+            return True
+        return False
+
     def everyone(self) -> list[Connection]:
         return [*self._waiting, *self._writing]
 

@@ -173,14 +173,13 @@ class ReadyDispatch(Dispatch):
         for i, conn in enumerate(woken):
             if conn is None:
                 continue
-            if not self._parking.holds(conn):
+            if not self._parking.take(conn):
                 # Handed back but not taken back yet (its worker armed it before handing
                 # it back): served once it is; or closed earlier in the same batch.
                 conn.early = True
                 woken[i] = None
                 continue
             conn.woke_writable = conn.state is State.WRITING  # a resting one has no events
-            self._parking.unpark(conn)
             if conn.woke_writable:
                 writers += 1
             else:
@@ -218,13 +217,14 @@ class ReadyDispatch(Dispatch):
         loop runs only its thread takes from `_handbacks`, and workers only append."""
         if not self._handbacks:
             return
+        now = time.monotonic()
         for _ in range(min(len(self._handbacks), _HANDBACKS_PER_WAKE)):
             conn = self._handbacks.popleft()
             if self._loop.stopping:
                 self._close(conn, Closed.SHUTDOWN)
             else:
                 try:
-                    self._parking.park(conn, time.monotonic())
+                    self._parking.park(conn, now)
                 except MemoryError:
                     self._close(conn, Closed.ERROR)
                 else:

@@ -9,6 +9,10 @@ from enum import Enum, StrEnum
 class State(Enum):
     """Where an open connection is; each state but RESTING and CLOSED has its counter."""
 
+    # Members are singletons: hashing by identity keeps a dict lookup by state in C.
+    # Enum's own __hash__ is Python code, and the per-message path makes several.
+    __hash__ = object.__hash__
+
     WAITING = "waiting"  # parked in the event loop until the client sends (ready dispatch)
     QUEUED = "queued"  # for a worker
     BUSY = "busy"  # on a worker
@@ -19,6 +23,8 @@ class State(Enum):
 
 class Wait(Enum):
     """What a connection waits for after a worker's turn (`echo.echo_turn`)."""
+
+    __hash__ = object.__hash__  # as State's
 
     READ = "read"  # the client's next bytes
     WRITE = "write"  # room for the echo the client has not taken
