@@ -2,7 +2,7 @@
 
 Each flood a test runs is one JSON line (`matrix_row`, written by the tests' `flooder`
 fixture); `python -m loadtest.matrix FILE` turns the lines into Markdown tables, one per
-place (local processes, containers), a row per scenario and model, which docs/floods.md
+place (local processes, containers), a row per scenario and model, which docs/history/floods.md
 quotes.
 
     python -m loadtest.matrix reports/test-floods.jsonl > reports/test-floods.md

@@ -49,7 +49,7 @@ class Config:
     turn_messages: int = 16  # ready dispatch: messages a worker echoes before it yields
     # ready dispatch: seconds a worker with nothing else waiting keeps its connection for
     # the next message (a ping-pong client's next message then costs no hand-offs); the
-    # floods hold with it (docs/performance.md)
+    # floods hold with it (docs/history/performance.md, 2026-11-28)
     linger: float = 0.002
     # ready dispatch, at the cap: only a connection that has sent fewer than `min_rate`
     # bytes a second over its life makes room for a newcomer (0: the quietest does).

@@ -6,13 +6,13 @@ A job takes connections from the queue until it is empty, so under load a worker
 from one turn to the next without being woken for each, and the loop hands the pool
 a job per connection only when the pool is idle. Submitting a job per connection
 cost a future, a lock and a thread wake-up for every message, and at the cap that was
-most of a turn (docs/performance.md, "The loop's system calls").
+most of a turn (docs/history/performance.md, "the loop's system calls").
 
 And no more jobs than the GIL can use: a turn never blocks except to linger (wait for
 the client's next message while no one else needs the worker), so beyond RUNNABLE jobs
 that do not linger, another job only passes the GIL to and fro: every system call of a
 turn lets go of it, and 22 runnable workers spent more time handing it over through
-the kernel than echoing (docs/performance.md, "The loop's system calls").
+the kernel than echoing (docs/history/performance.md, "the loop's system calls").
 
 What must stay true, with `_lock` held whenever it is read or changed: every queued
 connection has a job not serving anything that will take it, or RUNNABLE jobs that

@@ -5,7 +5,7 @@ An event disarms its connection, so a connection in a worker is never reported, 
 the worker that served it arms it again (epoll_ctl is safe from any thread) before it
 hands it back. So the loop's thread makes no system call per message: each one would
 let go of the GIL, and with a pool of workers ready to take it the loop waited to get
-it back while new connections piled up in the accept queue (docs/performance.md,
+it back while new connections piled up in the accept queue (docs/history/performance.md,
 "The loop's system calls").
 
 The set's own descriptor is readable while any connection in it has an event, so the

@@ -35,7 +35,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture
 def flooder(request: pytest.FixtureRequest) -> Flooder:
     """Runs one flood; under `make test-floods` (ECHO_FLOOD_RECORD=path) it also appends
-    the run to that file, one JSON line each, for the tables docs/floods.md quotes."""
+    the run to that file, one JSON line each, for the tables docs/history/floods.md quotes."""
     record = os.environ.get("ECHO_FLOOD_RECORD")
 
     def run(target: Target, scenario: str, settings: RunSettings) -> FloodRun:

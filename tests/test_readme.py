@@ -4,6 +4,7 @@ each with its environment variable, and nothing that is not there."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from services.cli import build_parser
 from support import ROOT
@@ -78,3 +79,23 @@ def test_every_test_the_readme_names_exists() -> None:
     }
     assert named, "the README names no test"
     assert named <= defined, sorted(named - defined)
+
+
+def relative_links(path: Path) -> list[str]:
+    """Markdown links and images in `path` that point into the repository."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+    return [t for t in targets if not re.match(r"[a-z]+:|#", t)]
+
+
+def test_every_link_in_the_readme_and_docs_leads_to_a_file() -> None:
+    # docs/ moved its dated runs to docs/history/: a link into the old place would
+    # send a reader nowhere.
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    broken = [
+        f"{page.relative_to(ROOT)}: {target}"
+        for page in pages
+        for target in relative_links(page)
+        if not (page.parent / target.partition("#")[0]).exists()
+    ]
+    assert len(pages) > 5
+    assert not broken, broken
