@@ -356,3 +356,40 @@ def test_hand_backs_the_loop_never_takes_trip_the_watchdog(model: str) -> None:
             assert "hand-backs made no progress" in trips[0], trips
         finally:
             del ready.take_back  # the class's again, so the loop can close it on the way out
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_a_connection_handed_back_after_the_loop_ended_is_closed_by_its_worker(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker checked that the server was not stopping, then the loop ended (closing
+    # everything it held) before the worker's hand-back: nothing will take it back, so
+    # the worker closes it itself, and it is counted once.
+    with running(model, workers=2, linger=0.0) as server:
+        inner = server.service.server
+        ready = inner.dispatch
+        assert isinstance(ready, ReadyDispatch)
+        parked = ready._parked
+        real_arm = parked.arm
+        trap, trapped = threading.Event(), threading.Event()
+
+        def arm(conn: Any, events: int) -> None:
+            if trap.is_set() and not trapped.is_set():
+                trapped.set()
+                # Hold the hand-back until the loop has ended (ready._loop_done: the
+                # moment close_all() has taken everything it will ever take).
+                wait_until(lambda: ready._loop_done, what="the loop to end")
+                return  # the epoll set is closed now; the hand-back goes on to append
+            real_arm(conn, events)
+
+        monkeypatch.setattr(parked, "arm", arm)
+        with connect(server.address) as sock:
+            assert roundtrip(sock, b"first") == b"first"
+            trap.set()
+            sock.sendall(b"handed back after the end")
+            assert trapped.wait(EVENTUALLY)
+            inner.stop()
+            assert inner.wait_stopped(EVENTUALLY)
+    assert server.clean
+    assert server.sample("echo_connections_closed_total", reason="shutdown") == 1
+    assert balanced(server)
