@@ -185,7 +185,12 @@ class EventLoop:
             self._call(key.data, key.fileobj, mask)
         now = time.monotonic()
         for after in self._after_wait:
-            after(now)  # MemoryError: the loop pauses (`run`)
+            try:
+                after(now)
+            except MemoryError:
+                raise  # the loop pauses (`run`)
+            except Exception:  # reported; the others still run, and the loop goes on
+                quietly(log.exception, "unexpected error after a wait; carrying on")
 
     def _call(self, callback: Callback, fileobj: Any, mask: int) -> None:
         """One registration's callback. A failure is reported, and the loop goes on:

@@ -187,3 +187,29 @@ def test_a_thread_that_dies_before_its_first_line_is_counted_and_its_connection_
         wait_until(lambda: balanced(server), what="every connection closed and counted")
         assert server.sample("echo_thread_start_failures_total") == 1
         assert server.sample("echo_connections_rejected_total", reason="thread_start_failed") == 1
+
+
+def test_an_error_in_what_runs_after_a_wait_does_not_end_the_loop() -> None:
+    # Everything parked in the loop, and accepting, depend on its one thread: a bug in
+    # one user's after-wait work (timeouts, hand-backs) must be reported, not fatal.
+    loop = EventLoop(0.001, lambda: None)
+    calls: list[str] = []
+
+    def faulty(_now: float) -> None:
+        calls.append("faulty")
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    def counting(_now: float) -> None:
+        calls.append("counting")
+        if calls.count("counting") == 3:
+            loop.stop()
+
+    loop.after_each_wait(faulty)
+    loop.after_each_wait(counting)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    assert calls[:2] == ["faulty", "counting"]  # the one after the faulty one still ran
+    assert calls.count("counting") == 3
