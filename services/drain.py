@@ -33,6 +33,10 @@ from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 RUNNABLE = 4  # jobs that do not linger: enough to overlap their system calls on 2 cores
+# While items put `first` and others both wait, this many of the first are taken, then one
+# of the others: the first never wait behind the whole queue, and the others are never
+# starved (a busy client that fell behind because it waited must not wait for good).
+FIRST_RUN = 4
 
 
 def won(claim: list[object]) -> bool:
@@ -52,8 +56,9 @@ class PoolQueue(Generic[Item]):
         submit: Callable[[Callable[[], None]], None],
         serve: Callable[[Item], bool],
     ) -> None:
-        self._first: deque[Item] = deque()  # served before any of `_items`
+        self._first: deque[Item] = deque()  # served ahead of `_items` (FIRST_RUN)
         self._items: deque[Item] = deque()
+        self._first_run = 0  # first items taken in a row while `_items` waited
         self._lock = threading.Lock()
         self._workers = workers
         self._jobs = 0  # submitted and not ended
@@ -78,7 +83,7 @@ class PoolQueue(Generic[Item]):
         self.call_workers()
 
     def put(self, item: Item, first: bool = False) -> None:
-        """Queue an item, to be served before every item not put `first`;
+        """Queue an item; one put `first` goes ahead of the others, FIRST_RUN at a time.
         `call_workers()` then, once for a batch."""
         (self._first if first else self._items).append(item)
 
@@ -105,6 +110,14 @@ class PoolQueue(Generic[Item]):
                         self._jobs -= 1
                     return False
 
+    def _next(self, first: deque[Item], items: deque[Item]) -> Item:
+        """The next item to serve (`_lock` held); IndexError when none waits."""
+        if first and (not items or self._first_run < FIRST_RUN):
+            self._first_run += 1 if items else 0
+            return first.popleft()
+        self._first_run = 0
+        return items.popleft()
+
     def take_all(self) -> list[Item]:
         """Everything queued, for whoever closes them (the loop has ended)."""
         taken = []
@@ -130,7 +143,7 @@ class PoolQueue(Generic[Item]):
                     self._jobs -= 1
                     return
                 try:
-                    item = first.popleft() if first else items.popleft()
+                    item = self._next(first, items)
                 except IndexError:
                     self._jobs -= 1
                     return

@@ -49,16 +49,42 @@ def test_a_job_per_item_up_to_runnable_and_one_job_serves_them_all() -> None:
     assert queue.call_workers() and len(pool.jobs) == 1
 
 
-def test_items_put_first_are_served_before_the_others() -> None:
+def test_items_put_first_go_ahead_of_the_others_a_run_at_a_time() -> None:
     pool, served = Pool(), list[int]()
     queue: PoolQueue[int] = PoolQueue(1, pool.submit, quick(served))
+    run = services.drain.FIRST_RUN
     for item in range(3):
         queue.put(item)
-    queue.put(10, first=True)
-    queue.put(11, first=True)
-    assert queue.call_workers() and len(queue) == 5
+    for item in range(10, 10 + 2 * run):
+        queue.put(item, first=True)
+    assert queue.call_workers() and len(queue) == 3 + 2 * run
     pool.jobs.pop()()
-    assert served == [10, 11, 0, 1, 2]
+    firsts = list(range(10, 10 + 2 * run))
+    assert served == [*firsts[:run], 0, *firsts[run:], 1, 2]
+
+
+def test_items_not_put_first_are_served_while_first_ones_keep_coming() -> None:
+    # A busy client that fell behind the minimum rate because it waited must not wait
+    # for good behind clients that keep ahead because they are served first.
+    pool, served = Pool(), list[int]()
+    behind = list(range(5))
+
+    def serve(item: int) -> bool:
+        served.append(item)
+        if item >= 100 and len(served) < 200:
+            queue.put(item + 1, first=True)  # a client ahead is back at once
+        return False
+
+    queue: PoolQueue[int] = PoolQueue(1, pool.submit, serve)
+    for item in behind:
+        queue.put(item)
+    queue.put(100, first=True)
+    assert queue.call_workers()
+    pool.jobs.pop()()
+    positions = [served.index(item) for item in behind]
+    assert positions == sorted(positions)
+    last_ahead = max(n for n, item in enumerate(served) if item >= 100)
+    assert positions[-1] < last_ahead, "the others waited until no one was ahead"
 
 
 def test_never_more_jobs_than_workers() -> None:
