@@ -130,8 +130,9 @@ class EventLoop:
             self._wake_writer.send(b"\0")
         except BlockingIOError:
             pass  # the pair is full: bytes are in flight, the loop will wake
-        except Exception:  # closed (stopped), ENOBUFS, out of memory: nothing sent
+        except Exception as error:  # closed (stopped), ENOBUFS, out of memory: nothing sent
             self._woken = False
+            self._warn.warning("a wake-up was not sent (%r); the next pass takes it", error)
 
     def stop(self) -> None:
         """Ask the loop to end after its current pass. Safe from signal handlers and
