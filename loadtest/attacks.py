@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import resource
 import selectors
 import socket
 import struct
@@ -24,6 +25,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 SCENARIOS = (
     "idle", "slowloris", "slow-reader", "churn", "metrics-slowloris", "cap-steer", "botnet",
@@ -59,7 +61,9 @@ class AttackPlan:
     trickle_interval: float = 2.0  # slowloris: seconds between bytes on one connection
     churn_in_flight: int = 64
     polite: bool = False  # never replace a connection the server dropped
-    sources: int = 1  # source addresses, 127.0.0.2 onwards when more than one (botnet)
+    # Source addresses (botnet): 127.0.0.2 onwards against loopback, else that many
+    # containers of its own beside the target's (`loadtest.botnet`).
+    sources: int = 1
     # Idle connections to a second port, kept like the rest once the first port has its
     # count (fd-squeeze).
     side_address: tuple[str, int] | None = None
@@ -84,11 +88,17 @@ class AttackPlan:
             raise AttackRefused("rate, trickle interval and churn in-flight must be positive")
         if not 1 <= self.sources <= BOTNET_SOURCES:
             raise AttackRefused(f"sources: 1 to {BOTNET_SOURCES}")
-        if self.sources > 1 and not (ip.version == 4 and ip.is_loopback):
+        if self.sources > 1 and not (ip.version == 4 and (ip.is_loopback or self.container)):
             raise AttackRefused(
                 f"{self.scenario}: many source addresses (127.0.0.2 onwards) need a loopback "
                 f"IPv4 target, not {ip}"
             )
+
+    @property
+    def from_loopback_sources(self) -> bool:
+        """Many sources on this host (127.0.0.2 onwards); against a container they are
+        containers of their own instead (`loadtest.botnet`)."""
+        return self.sources > 1 and ipaddress.ip_address(self.address[0]).is_loopback
 
     def _allowed(self, host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         try:
@@ -125,12 +135,40 @@ class AttackCounts:
     errors: dict[str, int] = field(default_factory=dict)
 
 
+class Attacker(Protocol):
+    """What a flood runs and watches: an `Attack` here, or a botnet of containers."""
+
+    plan: AttackPlan
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def is_alive(self) -> bool: ...
+    def join(self, timeout: float | None = None) -> None: ...
+    def counts(self) -> AttackCounts: ...
+
+
+def ensure_descriptors(needed: int) -> None:
+    """Raise this process's soft descriptor limit to fit `needed` sockets and a margin."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed + 256:
+        wanted = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed + 256, soft))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    if soft != resource.RLIM_INFINITY and soft < needed + 64:
+        raise AttackRefused(
+            f"connections: {needed} need more descriptors than this process may open ({soft})"
+        )
+
+
 class Attack(threading.Thread):
     """Runs one plan until its duration ends or `stop()`; then closes every socket."""
 
     def __init__(self, plan: AttackPlan) -> None:
+        if plan.sources > 1 and not plan.from_loopback_sources:
+            raise AttackRefused(f"{plan.scenario}: many sources at a container: loadtest.botnet")
         super().__init__(name=f"attack-{plan.scenario}", daemon=True)
         self.plan = plan
+        self._bind_sources = plan.from_loopback_sources
         self._counts = AttackCounts(planned=plan.connections + plan.side_connections)
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
@@ -212,7 +250,7 @@ class Attack(threading.Thread):
             address = self.plan.side_address
         sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         sock.setblocking(False)
-        if self.plan.sources > 1:  # the whole of 127.0.0.0/8 is this host's
+        if self._bind_sources:  # the whole of 127.0.0.0/8 is this host's
             sock.bind((f"127.0.0.{2 + self._attempts % self.plan.sources}", 0))
         if self.plan.scenario == "slow-reader":
             # Small buffers: the server's echo stalls after kilobytes, not megabytes of

@@ -24,25 +24,46 @@ DOCKER_TIMEOUT = 15.0
 def container_address(project: str, service: str) -> str | None:
     """The address of `service`'s running container in compose project `project` on
     its network, or None when there is no Docker or no such container."""
+    found = _networks_of(project, service)
+    if found is None:
+        return None
+    addresses = [address for address in found.values() if _is_private(address)]
+    if not addresses:
+        raise AttackRefused(f"{project}/{service}: its container has no network address")
+    return addresses[0]
+
+
+def container_network(project: str, service: str) -> str | None:
+    """The network on which `container_address` found `service`'s container: where a
+    botnet's own containers join it (`loadtest.botnet`)."""
+    found = _networks_of(project, service)
+    if found is None:
+        return None
+    names = [name for name, address in found.items() if _is_private(address)]
+    return names[0] if names else None
+
+
+def _networks_of(project: str, service: str) -> dict[str, str] | None:
+    """{network: address} of the one running container of `service`, None if none runs."""
     if shutil.which("docker") is None:
         return None
     labels = [
         f"label=com.docker.compose.project={project}",
         f"label=com.docker.compose.service={service}",
     ]
-    found = _docker("ps", "-q", *(arg for label in labels for arg in ("--filter", label)))
+    found = docker_output("ps", "-q", *(arg for label in labels for arg in ("--filter", label)))
     ids = found.split()
     if not ids:
         return None
     if len(ids) > 1:
         raise AttackRefused(f"{project}/{service}: {len(ids)} containers run; expected one")
-    networks = _docker(
-        "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", ids[0]
+    listed = docker_output(
+        "inspect",
+        "-f",
+        "{{range $name, $net := .NetworkSettings.Networks}}{{$name}}={{$net.IPAddress}} {{end}}",
+        ids[0],
     )
-    addresses = [a for a in networks.split() if _is_private(a)]
-    if not addresses:
-        raise AttackRefused(f"{project}/{service}: its container has no network address")
-    return addresses[0]
+    return dict(pair.partition("=")[::2] for pair in listed.split())
 
 
 def _is_private(address: str) -> bool:
@@ -52,7 +73,7 @@ def _is_private(address: str) -> bool:
         return False
 
 
-def _docker(*args: str) -> str:
+def docker_output(*args: str) -> str:
     try:
         done = subprocess.run(  # noqa: S603 (fixed docker subcommands)
             ["docker", *args],  # noqa: S607 (docker from PATH, as make and compose use it)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TextIO
 
 from harness import dashboard
-from loadtest.attacks import SCENARIOS, AttackRefused
+from loadtest.attacks import SCENARIOS, AttackRefused, ensure_descriptors
+from loadtest.botnet import check_attacker_image
 from loadtest.breaking import (
     LIMIT_STEPS,
     find_limit,
@@ -26,8 +27,8 @@ from loadtest.breaking import (
     report_limits,
     step_settings,
 )
-from loadtest.containers import container_address
-from loadtest.floodrun import FloodRun, RunSettings, Target, ensure_descriptors, flood
+from loadtest.containers import container_address, container_network
+from loadtest.floodrun import FloodRun, RunSettings, Target, flood
 from loadtest.verdict import DEFAULT_SETTLE, VERDICTS, Limits
 from services.cli import OneLineParser
 
@@ -199,7 +200,14 @@ def target_of(name: str, args: argparse.Namespace) -> Target:
                 f"{args.docker_project!r} (make up)"
             )
     if address is not None:
-        return Target(name, (address, spec.port), (address, spec.metrics_port), container=True)
+        network = container_network(args.docker_project, name)
+        return Target(
+            name,
+            (address, spec.port),
+            (address, spec.metrics_port),
+            container=True,
+            network=network,
+        )
     host = args.host or LOOPBACK
     return Target(
         name, (host, args.port or spec.port), (host, args.metrics_port or spec.metrics_port)
@@ -225,29 +233,14 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
 
 def check_plans(scenarios: list[str], targets: list[Target], settings: RunSettings) -> None:
     """Refuse a bad plan before any traffic."""
-    for scenario, target in runs_of(scenarios, targets):
-        settings.plan(scenario, target)
+    plans = [settings.plan(scenario, target) for scenario, target in runs_of(scenarios, targets)]
+    if any(plan.sources > 1 and not plan.from_loopback_sources for plan in plans):
+        check_attacker_image()
     ensure_descriptors(settings.connections)
 
 
 def runs_of(scenarios: list[str], targets: list[Target]) -> list[tuple[str, Target]]:
-    """Each scenario against each target, but a botnet only against loopback targets: its
-    source addresses are 127.0.0.x, which cannot reach a container's own address. Asked
-    for by name against a container alone, it is refused with the reason."""
-    pairs = [(scenario, target) for scenario in scenarios for target in targets]
-    kept = [(s, t) for s, t in pairs if s != "botnet" or not t.container]
-    return kept if kept or not pairs else pairs  # nothing left: let plan() say why
-
-
-def skipped(scenarios: list[str], targets: list[Target]) -> list[str]:
-    kept = runs_of(scenarios, targets)
-    return [
-        f"{scenario} skipped for {target.name}: its source addresses (127.0.0.x) cannot reach "
-        "a container's own address (--via published, or make up-local)"
-        for scenario in scenarios
-        for target in targets
-        if (scenario, target) not in kept
-    ]
+    return [(scenario, target) for scenario in scenarios for target in targets]
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
@@ -278,8 +271,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
 
             print(f"wrote {write_limit_chart(points, args.charts)}", file=out)
         return 0
-    for line in skipped(scenarios, targets):
-        print(line, file=sys.stderr)
     # With the stack up, its Prometheus watches the attack: the page, live and afterwards.
     watched = not args.quiet and dashboard.prometheus_answers()
     if watched:

@@ -6,7 +6,6 @@ For each run: a baseline, the attack (which keeps its count, see
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,9 +16,12 @@ from loadtest.attacks import (
     BOTNET_SOURCES,
     Attack,
     AttackCounts,
+    Attacker,
     AttackPlan,
     AttackRefused,
+    ensure_descriptors,
 )
+from loadtest.botnet import BOTNET_CONTAINERS, ContainerBotnet
 from loadtest.observe import (
     Established,
     Exchange,
@@ -40,6 +42,16 @@ class Target:
     address: tuple[str, int]
     metrics: tuple[str, int]
     container: bool = False  # the addresses are its container's own (loadtest.containers)
+    network: str | None = None  # its container's network, where a botnet's containers join
+
+
+def attacker_for(plan: AttackPlan, target: Target) -> Attacker:
+    """The attack from this process, or a botnet against a container from containers."""
+    if plan.sources > 1 and not plan.from_loopback_sources:
+        if target.network is None:
+            raise AttackRefused(f"{plan.scenario} at {target.name}: its container's network?")
+        return ContainerBotnet(plan, target.network)
+    return Attack(plan)
 
 
 MAX_ESTABLISHED = 64
@@ -50,6 +62,11 @@ STEER_TOUCHES = 3
 # fd-squeeze: idle metrics clients past the endpoint's client cap, so that it holds all
 # it may (and keeps pushing the oldest out for the rest).
 SQUEEZE_BEYOND = 64
+
+
+def botnet_sources(target: Target) -> int:
+    """Loopback: 127.0.0.2 onwards; a container: containers of the botnet's own."""
+    return BOTNET_CONTAINERS if target.container else BOTNET_SOURCES
 
 
 @dataclass(frozen=True)
@@ -91,7 +108,7 @@ class RunSettings:
             trickle_interval=trickle,
             polite=self.polite,
             container=target.container,
-            sources=BOTNET_SOURCES if scenario == "botnet" else 1,
+            sources=botnet_sources(target) if scenario == "botnet" else 1,
             side_address=target.metrics if squeeze else None,
             side_connections=METRICS_CLIENTS + SQUEEZE_BEYOND if squeeze else 0,
         )
@@ -140,18 +157,6 @@ class FloodRun:
         }
 
 
-def ensure_descriptors(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed + 256:
-        wanted = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed + 256, soft))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        soft = wanted
-    if soft != resource.RLIM_INFINITY and soft < needed + 64:
-        raise AttackRefused(
-            f"connections: {needed} need more descriptors than this process may open ({soft})"
-        )
-
-
 def probe_for(scenario: str, target: Target, origin: float) -> Probe:
     """What a legitimate user of the attacked port does: Prometheus scrapes /metrics
     every 0.5 s with a 2 s timeout; an echo client makes a round trip every 0.2 s."""
@@ -174,7 +179,7 @@ def flood(
     ensure_descriptors(plan.target_count)
     probe = probe_for(scenario, target, origin)
     established = Established(target.address, origin, settings.established, settings.think)
-    attack = Attack(plan)
+    attack = attacker_for(plan, target)
     sampler.start()
     probe.start()
     established.start()
@@ -219,7 +224,7 @@ class _Watch:
     origin: float
     target: Target
     scenario: str
-    attack: Attack
+    attack: Attacker
     probe: Probe
     sampler: Sampler
     progress: Callable[[str], None] | None

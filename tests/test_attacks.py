@@ -12,12 +12,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 
 import loadtest.flood
-from loadtest.attacks import MAX_CONNECTIONS, Attack, AttackPlan, AttackRefused
-from loadtest.floodrun import SQUEEZE_BEYOND, RunSettings, Target
+from loadtest.attacks import BOTNET_SOURCES, MAX_CONNECTIONS, Attack, AttackPlan, AttackRefused
+from loadtest.botnet import BOTNET_CONTAINERS, ContainerBotnet
+from loadtest.floodrun import SQUEEZE_BEYOND, RunSettings, Target, attacker_for
 from loadtest.observe import Established
 from services.budget import METRICS_CLIENTS
 from support import EVENTUALLY, ROOT, running, wait_until
@@ -252,17 +254,26 @@ def test_a_botnet_comes_from_many_loopback_addresses() -> None:
     assert peers == {f"127.0.0.{n}" for n in range(2, 7)}
 
 
-def test_a_botnet_is_not_sent_to_a_container_with_the_others() -> None:
+def test_a_botnet_at_a_container_is_planned_from_containers_on_its_network() -> None:
     local = Target("queue", ("127.0.0.1", 15002), ("127.0.0.1", 9102))
-    boxed = Target("threads", ("172.18.0.2", 15003), ("172.18.0.2", 9103), container=True)
-    runs = loadtest.flood.runs_of(["idle", "botnet"], [local, boxed])
-    assert runs == [("idle", local), ("idle", boxed), ("botnet", local)]
-    assert loadtest.flood.skipped(["idle", "botnet"], [local, boxed])[0].startswith(
-        "botnet skipped for threads"
-    )
+    boxed = Target("threads", ("172.18.0.2", 15003), ("172.18.0.2", 9103), container=True,
+                   network="echo-cluster_default")  # fmt: skip
+    assert loadtest.flood.runs_of(["idle", "botnet"], [local, boxed]) == [
+        ("idle", local), ("idle", boxed), ("botnet", local), ("botnet", boxed),
+    ]  # fmt: skip
+    here, there = RunSettings().plan("botnet", local), RunSettings().plan("botnet", boxed)
+    assert (here.sources, here.from_loopback_sources) == (BOTNET_SOURCES, True)
+    assert (there.sources, there.from_loopback_sources) == (BOTNET_CONTAINERS, False)
+    assert isinstance(attacker_for(here, local), Attack)
+    assert isinstance(attacker_for(there, boxed), ContainerBotnet)
+    with pytest.raises(AttackRefused, match="container's network"):
+        attacker_for(there, replace(boxed, network=None))
+    with pytest.raises(AttackRefused, match="many sources at a container"):
+        Attack(there)  # 127.0.0.x cannot reach it
+    with pytest.raises(AttackRefused, match="loopback addresses only"):
+        AttackPlan("botnet", ("172.18.0.2", 15003), sources=8)  # not a container of ours
     with pytest.raises(AttackRefused, match="need a loopback IPv4 target"):
-        for scenario, target in loadtest.flood.runs_of(["botnet"], [boxed]):
-            RunSettings().plan(scenario, target)
+        AttackPlan("botnet", ("::1", 15003), sources=8)
 
 
 def test_an_attack_at_the_cap_holds_a_tenth_more_than_the_cap_and_says_so() -> None:

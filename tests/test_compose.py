@@ -22,11 +22,13 @@ from typing import Any
 import pytest
 
 from harness.dashboard import PAGE, Expression, expressions, page_url
-from loadtest.attacks import AT_THE_CAP, SCENARIOS
-from loadtest.containers import container_address
+from loadtest.attacks import AT_THE_CAP, SCENARIOS, AttackPlan
+from loadtest.botnet import BOTNET_CONTAINERS, ContainerBotnet
+from loadtest.containers import container_address, container_network
 from loadtest.flood import RunSettings, Target
 from services.models import MODELS
 from support import (
+    EVENTUALLY,
     ROOT,
     UNBOUNDED_BREAKERS,
     Flooder,
@@ -281,6 +283,39 @@ def test_reconnecting_floods_the_ready_pools_hold_and_threads_does_not(
 
 
 UNPULLABLE = "echo-cluster.invalid/unpullable:never"
+
+
+def test_a_botnet_at_a_container_comes_from_containers_of_its_own(stack: None) -> None:
+    address, network = container_address(PROJECT, "queue"), container_network(PROJECT, "queue")
+    assert address is not None and network is not None
+    plan = AttackPlan("botnet", (address, PORTS["queue"]), connections=80, rate=400.0,
+                      duration=60.0, sources=BOTNET_CONTAINERS, container=True)  # fmt: skip
+    botnet = ContainerBotnet(plan, network)
+    botnet.start()
+    try:
+        wait_until(lambda: botnet.counts().open_now == 80, EVENTUALLY, "the botnet holds 80")
+        peers = peers_of("queue", PORTS["queue"])
+    finally:
+        botnet.stop()
+        botnet.join(EVENTUALLY)
+    assert not botnet.is_alive() and botnet.failures() == []
+    assert sum(peers.values()) == 80, peers  # as the server sees them: 8 sources, 10 each
+    assert len(peers) == BOTNET_CONTAINERS and set(peers.values()) == {10}, peers
+    left = run("docker", "ps", "-aq", "--filter", "name=echo-botnet-").stdout.split()
+    assert left == [], "a botnet member outlived the botnet"
+
+
+def peers_of(service: str, port: int) -> dict[str, int]:
+    """{remote address: established connections} to `port`, from the container's own
+    /proc/net/tcp: what the server sees, Docker's NAT and proxies included."""
+    table = run("docker", "exec", container(service), "cat", "/proc/net/tcp").stdout
+    peers: dict[str, int] = {}
+    for row in table.splitlines()[1:]:
+        local, remote, state = row.split()[1:4]
+        if state == "01" and int(local.split(":")[1], 16) == port:  # 01: ESTABLISHED
+            ip = ".".join(str(b) for b in reversed(bytes.fromhex(remote.split(":")[0])))
+            peers[ip] = peers.get(ip, 0) + 1
+    return peers
 
 
 def test_make_up_builds_on_debian_bases_when_a_base_image_cannot_be_had(stack: None) -> None:
