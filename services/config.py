@@ -168,6 +168,14 @@ class Config:
         return self.dispatch == "ready"
 
     @property
+    def evicts_at_cap(self) -> str:
+        """Whom the cap's rule closes for a newcomer (`parking.Parking.behind`): the
+        reason of every closed{evicted}; connection dispatch refuses instead."""
+        if not (self.bounded and self.ready_dispatch):
+            return "never"
+        return "behind_min_rate" if self.min_rate else "quietest"
+
+    @property
     def capacity(self) -> int | None:
         """Connections admitted at once, or None for no limit (thread per connection)."""
         if not self.bounded:

@@ -56,6 +56,8 @@ class EchoCollector(Collector):
                 "idle_timeout_seconds": _seconds_label(config.idle_timeout),
                 "send_timeout_seconds": _seconds_label(config.send_timeout),
                 "stack_size_bytes": str(config.stack_size) if not config.bounded else "default",
+                "evicts_at_cap": config.evicts_at_cap,
+                "min_rate_bytes_per_second": str(config.min_rate),
             },
         )
 

@@ -109,3 +109,17 @@ def test_bad_values_are_refused_up_front(fields: dict[str, object], message: str
 def test_an_environment_error_names_the_variable() -> None:
     with pytest.raises(ConfigError, match=r"ECHO_QUEUE_SIZE \(environment\): must be between"):
         parse_config(["--model", "queue"], env={"ECHO_QUEUE_SIZE": "0"})
+
+
+@pytest.mark.parametrize(
+    ("args", "rule"),
+    [
+        (["--model", "executor"], "behind_min_rate"),
+        (["--model", "queue", "--min-rate", "0"], "quietest"),
+        (["--model", "queue", "--dispatch", "connection"], "never"),
+        (["--model", "threads"], "never"),
+    ],
+)
+def test_the_info_metric_says_whom_the_cap_evicts(args: list[str], rule: str) -> None:
+    config = parse_config(args, env={})
+    assert config.evicts_at_cap == rule
