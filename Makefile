@@ -172,6 +172,10 @@ flood: venv ## Every flood scenario against each running server; table, JSON and
 	$(PY) -m loadtest.flood --scenarios $(SCENARIOS) --connections $(CONNECTIONS) \
 		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood.json --charts $(REPORTS) $(FLOOD_VIA) $(FLOOD_ARGS)
 
+flood-peers: venv ## The same floods against asyncio, uvloop and C echo servers beside the three models, on loopback; one table
+	$(PY) -m loadtest.peers --scenarios $(SCENARIOS) --connections $(CONNECTIONS) \
+		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood-peers.json --charts $(REPORTS)/peers $(FLOOD_ARGS)
+
 flood-limit: venv ## Step each flood up per server until it is not held; table, JSON and chart in reports/
 	$(PY) -m loadtest.flood --find-limit --scenarios $(SCENARIOS) --limit-steps $(LIMIT_STEPS) \
 		--duration $(LIMIT_SECONDS) --json $(REPORTS)/flood-limits.json --charts $(REPORTS) $(FLOOD_VIA) $(FLOOD_ARGS)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import burst, client, locks, memory
-from bench.servers import compile_c, model_command, pin, placement, started
+from bench.servers import compile_c, model_command, peer_specs, pin, placement, started
 from harness.launcher import ServerProcess
 from services.models import MODELS
 from services.procfs import context_switches as switches
@@ -47,13 +47,8 @@ def throughput(
     do not compete and every server gets the same CPU. Unpinned: all of them anywhere.
     With a `baseline` checkout: its pools beside these, and no references (`ab_specs`).
     """
-    c_server, c_client = compile_c("epoll_echo"), compile_c("pingpong")
-    if baseline is not None:
-        specs = ab_specs(baseline)
-    else:
-        specs = server_specs(full=len(configs) > 1)
-        if c_server is not None:
-            specs["c-epoll"] = [str(c_server), "0"]
+    c_client = compile_c("pingpong")
+    specs = ab_specs(baseline) if baseline is not None else server_specs(full=len(configs) > 1)
     server_cpus, client_cpus = placement()
     everywhere = frozenset(os.sched_getaffinity(0))
     processes = processes or len(client_cpus or everywhere)
@@ -108,7 +103,7 @@ def throughput(
     return {
         "configs": results,
         "servers": names,
-        "c_baseline": c_server is not None,
+        "c_baseline": "c-epoll" in names,
         "client": "c-epoll" if c_client else "python",
         "client_processes": processes,
         "server_cpus": sorted(server_cpus or []),
@@ -137,10 +132,7 @@ def server_specs(full: bool) -> dict[str, Sequence[str]]:
             specs[f"{spec.name}/ready/32w"] = model_command(
                 spec.name, "--dispatch", "ready", *small
             )
-    specs["asyncio"] = [sys.executable, "-m", "bench.asyncio_echo", "0"]
-    for kind in ("streams", "protocol"):
-        specs[f"uvloop-{kind}"] = [sys.executable, "-m", "bench.uvloop_echo", kind, "0"]
-    return specs
+    return {**specs, **peer_specs()}
 
 
 BASELINE = "@base"  # the suffix of a server run from the baseline checkout

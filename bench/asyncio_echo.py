@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 
 from services.readyfile import write_ready_file
 
@@ -26,14 +27,22 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def main(port: int, ready_file: str | None) -> None:
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def main(port: int, ready_file: str | None, handler: Handler = handle) -> None:
+    server = await asyncio.start_server(handler, "127.0.0.1", port, backlog=1024)
     if ready_file:
         write_ready_file(ready_file, ("127.0.0.1", server.sockets[0].getsockname()[1]))
     async with server:
         await server.serve_forever()
 
 
-if __name__ == "__main__":
+def run(handler: Handler) -> None:
+    """PORT [--ready-file PATH] from the command line, then serve until killed."""
     ready = sys.argv[3] if sys.argv[2:3] == ["--ready-file"] else None
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0, ready))
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0, ready, handler))
+
+
+if __name__ == "__main__":
+    run(handle)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -40,6 +41,23 @@ def placement() -> tuple[frozenset[int] | None, frozenset[int] | None]:
     if len(cpus) < 2:
         return None, None
     return frozenset(cpus[-1:]), frozenset(cpus[:-1])
+
+
+def peer_specs(*, hardened: bool = False) -> dict[str, list[str]]:
+    """The echo servers the project did not design, each as a naive user writes it:
+    stdlib asyncio streams, uvloop streams and protocol, and C epoll (when a compiler
+    is here); with `hardened`, also asyncio with timeouts and a cap (`bench.hardened_echo`)."""
+    python = [sys.executable, "-m"]
+    specs = {
+        "asyncio": [*python, "bench.asyncio_echo", "0"],
+        "uvloop-streams": [*python, "bench.uvloop_echo", "streams", "0"],
+        "uvloop-protocol": [*python, "bench.uvloop_echo", "protocol", "0"],
+    }
+    if (c_server := compile_c("epoll_echo")) is not None:
+        specs["c-epoll"] = [str(c_server), "0"]
+    if hardened:
+        specs["asyncio-hardened"] = [*python, "bench.hardened_echo", "0"]
+    return specs
 
 
 def model_command(model: str, *extra: str) -> list[str]:

@@ -27,21 +27,25 @@ from loadtest.breaking import (
     report_limits,
     step_settings,
 )
-from loadtest.containers import container_address, container_network
-from loadtest.floodrun import FloodRun, RunSettings, Target, flood
+from loadtest.floodrun import NEED_METRICS, FloodRun, RunSettings, Target, flood
+from loadtest.targets import LOOPBACK, VIAS, targets_from
 from loadtest.verdict import DEFAULT_SETTLE, VERDICTS, Limits
 from services.cli import OneLineParser
 
 __all__ = ["FloodRun", "RunSettings", "Target", "flood", "main"]
 from services.models import MODELS
 
-VIAS = ("auto", "network", "published")  # how the containers are reached (--via)
-LOOPBACK = "127.0.0.1"
+WATCHED_NOTE = {
+    "process": "no /metrics: threads, RSS and descriptors from /proc; nothing is known of "
+    "its rejections and closes",
+    "probes only": "neither /metrics nor a process: judged on its clients alone, not on "
+    "threads, memory or liveness",
+}
 
 
 def format_flood_table(runs: Sequence[FloodRun]) -> str:
     header = (
-        f"{'scenario':<18}{'server':<10}{'verdict':<10}{'threads':>13}{'RSS MiB':>15}"
+        f"{'scenario':<18}{'server':<10}{'verdict':<10}{'threads':>13}{'RSS MiB':>15}{'fds':>7}"
         f"{'probe ok':>10}{'probe p99':>11}{'estab ok':>10}{'cut':>5}{'back in':>9}"
         f"{'replaced':>10}  turned away / cut off"
     )
@@ -59,7 +63,7 @@ def format_flood_table(runs: Sequence[FloodRun]) -> str:
         lines.append(
             f"{run.scenario:<18}{run.target:<10}{s.verdict:<10}"
             f"{s.baseline_threads:>6.0f} ->{s.peak_threads:>5.0f}"
-            f"{s.baseline_rss_mb:>7.1f} ->{s.peak_rss_mb:>5.1f}"
+            f"{s.baseline_rss_mb:>7.1f} ->{s.peak_rss_mb:>5.1f}{s.peak_open_fds:>7.0f}"
             f"{s.probe_success:>10.1%}{s.probe_p99_ms:>9.1f}ms"
             f"{s.established_success:>10.1%}{s.established_cuts:>5}{back:>9}"
             f"{run.counts.replaced:>10}"
@@ -83,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets",
         default=",".join(MODELS),
         help=f"comma-separated services ({', '.join(MODELS)}) [%(default)s]",
+    )
+    add(
+        "--target",
+        action="append",
+        metavar="NAME=HOST:PORT[,pid=N|container=NAME][,metrics=PORT]",
+        help="any TCP echo server instead of --targets (repeat it): threads, RSS and "
+        "descriptors from its /metrics, its process or its container's (in /proc), else "
+        "judged on its clients alone",
     )
     add("--host", help=f"loopback address of the services [{LOOPBACK}]")
     add(
@@ -172,48 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def targets_from(args: argparse.Namespace) -> list[Target]:
-    names = [n.strip() for n in args.targets.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown or not names:
-        raise AttackRefused(
-            f"targets: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}"
-        )
-    if (args.port or args.metrics_port) and len(names) != 1:
-        raise AttackRefused("--port/--metrics-port need exactly one target")
-    if args.via == "network" and (args.port or args.metrics_port or args.host):
-        raise AttackRefused(
-            "--via network: the containers' own addresses and ports, not --host/--port"
-        )
-    return [target_of(name, args) for name in names]
-
-
-def target_of(name: str, args: argparse.Namespace) -> Target:
-    spec = MODELS[name]
-    as_given = args.host or args.port or args.metrics_port
-    address = None
-    if args.via == "network" or (args.via == "auto" and not as_given):
-        address = container_address(args.docker_project, name)
-        if address is None and args.via == "network":
-            raise AttackRefused(
-                f"--via network: no running container of {name!r} in compose project "
-                f"{args.docker_project!r} (make up)"
-            )
-    if address is not None:
-        network = container_network(args.docker_project, name)
-        return Target(
-            name,
-            (address, spec.port),
-            (address, spec.metrics_port),
-            container=True,
-            network=network,
-        )
-    host = args.host or LOOPBACK
-    return Target(
-        name, (host, args.port or spec.port), (host, args.metrics_port or spec.metrics_port)
-    )
-
-
 def settings_from(args: argparse.Namespace) -> RunSettings:
     settings = RunSettings(
         connections=args.connections,
@@ -240,7 +210,24 @@ def check_plans(scenarios: list[str], targets: list[Target], settings: RunSettin
 
 
 def runs_of(scenarios: list[str], targets: list[Target]) -> list[tuple[str, Target]]:
-    return [(scenario, target) for scenario in scenarios for target in targets]
+    """Each scenario against each target, but those of the metrics port only against a
+    target that has one."""
+    return [
+        (scenario, target)
+        for scenario in scenarios
+        for target in targets
+        if scenario not in NEED_METRICS or target.metrics is not None
+    ]
+
+
+def skipped(scenarios: list[str], targets: list[Target]) -> list[str]:
+    kept = runs_of(scenarios, targets)
+    return [
+        f"{scenario} skipped for {target.name}: it has no metrics port to attack"
+        for scenario in scenarios
+        for target in targets
+        if (scenario, target) not in kept
+    ]
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
@@ -259,7 +246,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     progress = None if args.quiet else _progress_printer()
     for target in [] if args.quiet else targets:
         how = "its container's own address" if target.container else "as given"
-        print(f"{target.name}: {target.address[0]}:{target.address[1]} ({how})", file=sys.stderr)
+        print(
+            f"{target.name}: {target.address[0]}:{target.address[1]} ({how}; "
+            f"watched: {target.watched})",
+            file=sys.stderr,
+        )
+    for line in [] if args.quiet else skipped(scenarios, targets):
+        print(line, file=sys.stderr)
     if args.find_limit:
         points = [
             find_limit(target, scenario, settings, steps, progress)
@@ -294,6 +287,9 @@ def report(runs: list[FloodRun], args: argparse.Namespace, out: TextIO) -> int:
     for run in runs:
         for reason in run.summary.reasons:
             print(f"  {run.scenario} / {run.target}: {reason}", file=out)
+    for name, watched in {r.target: r.summary.watched for r in runs}.items():
+        if watched != "metrics":
+            print(f"  {name}: {WATCHED_NOTE[watched]}", file=out)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([run.to_json() for run in runs], indent=1) + "\n")

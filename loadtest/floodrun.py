@@ -23,13 +23,17 @@ from loadtest.attacks import (
 )
 from loadtest.botnet import BOTNET_CONTAINERS, ContainerBotnet
 from loadtest.observe import (
+    NOTHING_READ,
     Established,
     Exchange,
     Probe,
     ProbeResult,
+    Reading,
     Sample,
     Sampler,
     echo_check,
+    metrics_reader,
+    process_reader,
     scrape_check,
 )
 from loadtest.verdict import DEFAULT_SETTLE, Limits, Summary, Timeline, judge_flood, recovered
@@ -40,9 +44,26 @@ from services.budget import METRICS_CLIENTS
 class Target:
     name: str
     address: tuple[str, int]
-    metrics: tuple[str, int]
+    metrics: tuple[str, int] | None  # None: a server with no /metrics (any echo server)
     container: bool = False  # the addresses are its container's own (loadtest.containers)
     network: str | None = None  # its container's network, where a botnet's containers join
+    pid: int | None = None  # without metrics: its process, read in /proc (this host's view)
+
+    @property
+    def watched(self) -> str:
+        """How its threads, memory and liveness are read: `WATCHED`."""
+        return "metrics" if self.metrics else "process" if self.pid else "probes only"
+
+    def reader(self) -> Callable[[], Reading]:
+        if self.metrics is not None:
+            return metrics_reader(self.metrics)
+        if self.pid is not None:
+            return process_reader(self.pid)
+        return lambda: NOTHING_READ
+
+
+# Scenarios that attack or fill the metrics port: not for a target without one.
+NEED_METRICS = ("metrics-slowloris", "fd-squeeze")
 
 
 def attacker_for(plan: AttackPlan, target: Target) -> Attacker:
@@ -93,15 +114,18 @@ class RunSettings:
         pause; botnet from BOTNET_SOURCES addresses; fd-squeeze with idle clients of
         the metrics port past its client cap besides, so that the descriptors left for
         the echo port are as few as the server's budget allows."""
+        if scenario in NEED_METRICS and target.metrics is None:
+            raise AttackRefused(f"{scenario}: {target.name} has no metrics port to attack")
         connections, trickle = self.connections, self.trickle_interval
         if scenario in AT_THE_CAP:
             trickle = self.think / STEER_TOUCHES
             if capacity > 0:
                 connections = max(connections, int(capacity) + max(int(capacity) // 10, 20))
         squeeze = scenario == "fd-squeeze"
+        metrics = target.metrics or target.address  # (refused above where it matters)
         return AttackPlan(
             scenario=scenario,
-            address=target.metrics if scenario == "metrics-slowloris" else target.address,
+            address=metrics if scenario == "metrics-slowloris" else target.address,
             connections=connections,
             rate=self.rate,
             duration=self.duration,
@@ -109,7 +133,7 @@ class RunSettings:
             polite=self.polite,
             container=target.container,
             sources=botnet_sources(target) if scenario == "botnet" else 1,
-            side_address=target.metrics if squeeze else None,
+            side_address=metrics if squeeze else None,
             side_connections=METRICS_CLIENTS + SQUEEZE_BEYOND if squeeze else 0,
         )
 
@@ -160,7 +184,7 @@ class FloodRun:
 def probe_for(scenario: str, target: Target, origin: float) -> Probe:
     """What a legitimate user of the attacked port does: Prometheus scrapes /metrics
     every 0.5 s with a 2 s timeout; an echo client makes a round trip every 0.2 s."""
-    if scenario == "metrics-slowloris":
+    if scenario == "metrics-slowloris" and target.metrics is not None:
         return Probe(scrape_check(target.metrics, timeout=2.0), origin, interval=0.5)
     return Probe(echo_check(target.address, timeout=2.0), origin, interval=0.2)
 
@@ -174,7 +198,7 @@ def flood(
     """Run one scenario against one target and judge it. Blocks for the whole run."""
     settings.check()
     origin = time.monotonic()
-    sampler = Sampler(target.metrics, origin)
+    sampler = Sampler(target.reader(), origin)
     plan = settings.plan(scenario, target, sampler.scrape_once().values.get("capacity", -1))
     ensure_descriptors(plan.target_count)
     probe = probe_for(scenario, target, origin)
@@ -202,7 +226,9 @@ def flood(
                 thread.join(30)
     timeline = Timeline(attack_start, attack_end, time.monotonic() - origin, settings.settle)
     samples, probes, exchanges = sampler.samples(), probe.results(), established.results()
-    summary = judge_flood(samples, probes, timeline, settings.limits, exchanges)
+    summary = judge_flood(
+        samples, probes, timeline, settings.limits, exchanges, watched=target.watched
+    )
     return FloodRun(
         target.name,
         scenario,

@@ -11,6 +11,7 @@ vanishes is recorded as failures, not crashed on.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness.scrape import scrape
 from loadtest.echo_client import EchoClient, EchoFailure, classify, exchange
 from loadtest.lazy import LazyConnection
+from services import procfs
 
 
 @dataclass(frozen=True)
@@ -221,27 +223,58 @@ def parse_metrics(
     return values, rejected, closed, info
 
 
+Reading = tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, str]]
+NOTHING_READ: Reading = ({}, {}, {}, {})
+
+
+def metrics_reader(metrics: tuple[str, int], timeout: float = 2.0) -> Callable[[], Reading]:
+    """A scrape of the target's /metrics (the project's servers)."""
+    url = f"http://{metrics[0]}:{metrics[1]}/metrics"
+
+    def read() -> Reading:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return parse_metrics(response.read().decode())
+        except (OSError, ValueError):
+            return NOTHING_READ
+
+    return read
+
+
+def process_reader(pid: int) -> Callable[[], Reading]:
+    """What /proc says of a server with no metrics of its own: its threads, RSS, open
+    descriptors and start time. A process that is gone reads as nothing."""
+
+    def read() -> Reading:
+        try:
+            status = procfs.status(pid)
+            values = {
+                "threads": float(status["Threads"]),
+                "rss_bytes": float(status["VmRSS"]),
+                "open_fds": float(len(os.listdir(f"/proc/{pid}/fd"))),
+                "start_time": procfs.start_ticks(pid),
+            }
+        except (OSError, KeyError, ValueError):
+            return NOTHING_READ
+        return values, {}, {}, {}
+
+    return read
+
+
 class Sampler(Recorder[Sample]):
-    def __init__(
-        self, metrics: tuple[str, int], origin: float, interval: float = 0.5, timeout: float = 2.0
-    ) -> None:
+    """Reads the target every `interval` seconds; `read` is one of the readers above."""
+
+    def __init__(self, read: Callable[[], Reading], origin: float, interval: float = 0.5) -> None:
         super().__init__("sampler", origin)
-        host, port = metrics
-        self._url = f"http://{host}:{port}/metrics"
+        self._read = read
         self._interval = interval
-        self._timeout = timeout
 
     def samples(self) -> list[Sample]:
         return self.results()
 
     def scrape_once(self) -> Sample:
         at = time.monotonic() - self._origin
-        try:
-            with urllib.request.urlopen(self._url, timeout=self._timeout) as response:  # noqa: S310 (our own loopback target)
-                text = response.read().decode()
-            values, rejected, closed, info = parse_metrics(text)
-        except (OSError, ValueError):
-            return Sample(at, {}, {}, {}, {})
+        values, rejected, closed, info = self._read()
         return Sample(at, values, rejected, closed, info)
 
     def run(self) -> None:

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from loadtest.observe import Exchange, ProbeResult, Sample
 
 VERDICTS = ("held", "degraded", "down")
+# How a target's threads, memory and liveness are known: its own /metrics, /proc (a
+# server with no metrics), or not at all (judged on its clients alone).
+WATCHED = ("metrics", "process", "probes only")
 DEFAULT_SETTLE = 5.0
 # A run ends with this many probes in a row: all failed, it is down; all served after the
 # attack, it has recovered and the watch may stop (`recovered`).
@@ -82,6 +85,8 @@ class Summary:
     established_judged: int = 0
     established_success: float = 0.0
     established_cuts: int = 0
+    watched: str = "metrics"  # WATCHED: which parts of the verdict were judged
+    peak_open_fds: float = 0.0
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -133,18 +138,25 @@ def recovered(probes: list[ProbeResult], attack_end: float) -> bool:
 
 
 def reasons_down(
-    samples: list[Sample], probes: list[ProbeResult], timeline: Timeline, limits: Limits
+    samples: list[Sample],
+    probes: list[ProbeResult],
+    timeline: Timeline,
+    limits: Limits,
+    watched: str = "metrics",
 ) -> list[str]:
     reasons = []
     good = [s for s in samples if s.ok]
     if len({s.values["start_time"] for s in good if "start_time" in s.values}) > 1:
         reasons.append("the process restarted during the run")
     silence = longest_silence(samples, timeline.run_end)
-    if not good:
-        reasons.append("its metrics never answered")
+    source = "its metrics" if watched == "metrics" else "its process (/proc)"
+    if watched == "probes only":
+        pass  # nothing to read: judged on its clients alone
+    elif not good:
+        reasons.append(f"{source} never answered")
     elif silence > limits.max_metrics_silence:
         reasons.append(
-            f"its metrics did not answer for {silence:.1f} s "
+            f"{source} did not answer for {silence:.1f} s "
             f"(allowed: {limits.max_metrics_silence:g} s)"
         )
     if probes and not any(p.ok for p in probes[-STREAK:]):
@@ -230,8 +242,10 @@ def judge_flood(
     timeline: Timeline,
     limits: Limits,
     established: Sequence[Exchange] = (),
+    *,
+    watched: str = "metrics",
 ) -> Summary:
-    down = reasons_down(samples, probes, timeline, limits)
+    down = reasons_down(samples, probes, timeline, limits, watched)
     degraded = reasons_degraded(samples, probes, timeline, limits)
     degraded += reasons_established(established, timeline, limits)
     judged_established, cuts = established_view(established, timeline)
@@ -268,6 +282,8 @@ def judge_flood(
             else 0.0
         ),
         established_cuts=len(cuts),
+        watched=watched,
+        peak_open_fds=max((s.values.get("open_fds", 0.0) for s in good), default=0.0),
     )
 
 

@@ -19,6 +19,11 @@ def cpu_seconds(pid: Pid) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_ticks(pid: Pid) -> float:
+    """When a process started, in clock ticks since boot: a new value is a new process."""
+    return float(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
 def context_switches(pid: Pid) -> dict[int, int]:
     """Context switches (voluntary and not) of each live thread of a process, by thread id.
     A thread that has ended is not counted: /proc has no total for a whole process."""

@@ -17,6 +17,7 @@ from dataclasses import replace
 import pytest
 
 import loadtest.flood
+import loadtest.targets
 from loadtest.attacks import BOTNET_SOURCES, MAX_CONNECTIONS, Attack, AttackPlan, AttackRefused
 from loadtest.botnet import BOTNET_CONTAINERS, ContainerBotnet
 from loadtest.floodrun import SQUEEZE_BEYOND, RunSettings, Target, attacker_for
@@ -159,9 +160,10 @@ def test_floods_reach_a_running_container_at_its_own_address_unless_told_otherwi
         asked.append((project, service))
         return "172.18.0.9"
 
-    monkeypatch.setattr(loadtest.flood, "container_address", container_address)
+    monkeypatch.setattr(loadtest.targets, "container_address", container_address)
+    monkeypatch.setattr(loadtest.targets, "container_network", lambda *_: "echo-cluster_default")
     parsed = loadtest.flood.build_parser().parse_args(["--targets", "queue", *args])
-    (target,) = loadtest.flood.targets_from(parsed)
+    (target,) = loadtest.targets.targets_from(parsed)
     assert (*target.address, target.container) == expected
     assert asked == ([("echo-cluster", "queue")] if target.container else [])
     RunSettings().plan("idle", target)  # and the attack tool takes it
@@ -170,12 +172,12 @@ def test_floods_reach_a_running_container_at_its_own_address_unless_told_otherwi
 def test_no_container_running_means_loopback_unless_the_network_was_asked_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(loadtest.flood, "container_address", lambda *_: None)
+    monkeypatch.setattr(loadtest.targets, "container_address", lambda *_: None)
     parse = loadtest.flood.build_parser().parse_args
-    (target,) = loadtest.flood.targets_from(parse(["--targets", "threads"]))
+    (target,) = loadtest.targets.targets_from(parse(["--targets", "threads"]))
     assert target.address == ("127.0.0.1", 15003) and not target.container
     with pytest.raises(AttackRefused, match="no running container of 'threads'"):
-        loadtest.flood.targets_from(parse(["--targets", "threads", "--via", "network"]))
+        loadtest.targets.targets_from(parse(["--targets", "threads", "--via", "network"]))
 
 
 @pytest.mark.parametrize(

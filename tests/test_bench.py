@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from bench import client, locks
+from bench import client, hardened_echo, locks
 from bench.servers import compile_c
-from support import ROOT, FaultyEcho
+from support import EVENTUALLY, ROOT, FaultyEcho
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -123,3 +125,33 @@ def test_c_client_refuses_bad_arguments() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "pingpong: bad arguments"
+
+
+def test_the_hardened_asyncio_peer_echoes_and_closes_the_idle_and_the_over_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `bench.hardened_echo` adds to the naive peer, each measured by a flood."""
+    monkeypatch.setattr(hardened_echo, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(hardened_echo, "MAX_CONNECTIONS", 2)
+
+    async def scenario() -> tuple[bytes, bytes, bytes, float]:
+        server = await asyncio.start_server(hardened_echo.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            one = await asyncio.open_connection("127.0.0.1", port)
+            two = await asyncio.open_connection("127.0.0.1", port)
+            one[1].write(b"ping")
+            echoed = await asyncio.wait_for(one[0].readexactly(4), EVENTUALLY)
+            over = await asyncio.open_connection("127.0.0.1", port)  # the third: refused
+            refused = await asyncio.wait_for(over[0].read(), EVENTUALLY)
+            started = time.monotonic()
+            idle = await asyncio.wait_for(two[0].read(), EVENTUALLY)  # closed by the timeout
+            waited = time.monotonic() - started
+            for _, writer in (one, two, over):
+                writer.close()
+                await writer.wait_closed()
+        return echoed, refused, idle, waited
+
+    echoed, refused, idle, waited = asyncio.run(scenario())
+    assert (echoed, refused, idle) == (b"ping", b"", b"")
+    assert waited < EVENTUALLY  # closed by its idle timeout, not by the test's deadline

@@ -1,0 +1,128 @@
+"""Any TCP echo server as a flood target: `--target NAME=HOST:PORT[,pid=N|container=NAME]`,
+watched through its /metrics, /proc, or not at all, and said which."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest import flood
+from loadtest.attacks import AttackRefused
+from loadtest.floodrun import RunSettings, Target
+from loadtest.observe import NOTHING_READ, ProbeResult, Sample, process_reader
+from loadtest.peers import main as peers_main
+from loadtest.targets import parse_target
+from loadtest.verdict import Limits, Timeline, judge_flood
+
+PROJECT = "echo-cluster"
+
+
+def test_a_target_is_a_name_an_address_and_how_it_is_watched() -> None:
+    me = os.getpid()
+    assert parse_target(f"asyncio=127.0.0.1:8000,pid={me}", PROJECT) == Target(
+        "asyncio", ("127.0.0.1", 8000), None, pid=me
+    )
+    plain = parse_target("c=[::1]:9", PROJECT)
+    assert (plain.address, plain.watched) == (("::1", 9), "probes only")
+    ours = parse_target("queue=127.0.0.1:15002,metrics=9102", PROJECT)
+    assert (ours.metrics, ours.watched) == (("127.0.0.1", 9102), "metrics")
+    assert parse_target(f"p=127.0.0.1:1,pid={me}", PROJECT).watched == "process"
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("127.0.0.1:8000", "give NAME=HOST:PORT"),
+        ("a b=127.0.0.1:8000", "give NAME=HOST:PORT"),
+        ("x=localhost:8000", "HOST is an IP address"),
+        ("x=127.0.0.1", "HOST is an IP address"),
+        ("x=127.0.0.1:0", "a port is 1 to 65535"),
+        ("x=127.0.0.1:8000,metrics=70000", "a port is 1 to 65535"),
+        ("x=127.0.0.1:8000,colour=red", "options are pid=, container=, metrics="),
+        ("x=127.0.0.1:8000,pid=1,pid=2", "options are pid=, container=, metrics="),
+        ("x=127.0.0.1:8000,pid=999999999", "no process 999999999 here"),
+        ("x=127.0.0.1:8000,pid=1,container=c", "pid= or container=, not both"),
+    ],
+)
+def test_a_bad_target_is_refused_in_one_line(spec: str, says: str) -> None:
+    with pytest.raises(AttackRefused, match=says):
+        parse_target(spec, PROJECT)
+
+
+def test_a_bad_target_exits_2_before_any_traffic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert flood.main(["--target", "x=8.8.8.8:7"]) == 2  # the attack tool's own rule
+    assert "loopback addresses only" in capsys.readouterr().err
+    assert flood.main(["--target", "a=127.0.0.1:7", "--target", "a=127.0.0.1:8"]) == 2
+    assert "each name once" in capsys.readouterr().err
+
+
+@pytest.fixture
+def docker_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `docker` first on PATH whose `inspect` prints what the test wrote in `said`."""
+    said = tmp_path / "said"
+    docker = tmp_path / "docker"
+    docker.write_text(f"#!{sys.executable}\nprint(open({str(said)!r}).read())\n")
+    docker.chmod(docker.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    return said
+
+
+def test_a_container_target_is_one_of_the_projects_at_its_own_address(docker_says: Path) -> None:
+    docker_says.write_text(f"{PROJECT}/ 4242 {PROJECT}_peers=172.18.0.7 ")
+    target = parse_target("uv=172.18.0.7:15011,container=uv", PROJECT)
+    assert (target.container, target.network, target.pid) == (True, f"{PROJECT}_peers", 4242)
+    with pytest.raises(AttackRefused, match="not the address of running container 'uv'"):
+        parse_target("uv=172.18.0.8:15011,container=uv", PROJECT)
+    docker_says.write_text("other/ 4242 other_default=172.18.0.7 ")
+    with pytest.raises(AttackRefused, match="not of compose project 'echo-cluster'"):
+        parse_target("uv=172.18.0.7:15011,container=uv", PROJECT)
+
+
+def test_without_a_metrics_port_its_scenarios_are_skipped_and_said() -> None:
+    peer = Target("asyncio", ("127.0.0.1", 8000), None)
+    ours = Target("queue", ("127.0.0.1", 15002), ("127.0.0.1", 9102))
+    scenarios = ["idle", "metrics-slowloris", "fd-squeeze"]
+    assert flood.runs_of(scenarios, [peer, ours]) == [
+        ("idle", peer), ("idle", ours), ("metrics-slowloris", ours), ("fd-squeeze", ours),
+    ]  # fmt: skip
+    assert flood.skipped(scenarios, [peer, ours]) == [
+        "metrics-slowloris skipped for asyncio: it has no metrics port to attack",
+        "fd-squeeze skipped for asyncio: it has no metrics port to attack",
+    ]
+    with pytest.raises(AttackRefused, match="no metrics port"):
+        RunSettings().plan("fd-squeeze", peer)
+
+
+def test_a_process_is_read_in_proc_and_reads_as_nothing_once_gone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        values, rejected, closed, info = process_reader(child.pid)()
+        assert values["threads"] == 1 and values["rss_bytes"] > 1_000_000
+        assert values["open_fds"] >= 3 and values["start_time"] > 0
+        assert (rejected, closed, info) == ({}, {}, {})
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+    assert process_reader(child.pid)() == NOTHING_READ
+
+
+def test_a_target_watched_by_nothing_is_judged_on_its_clients_alone() -> None:
+    timeline = Timeline(attack_start=2.0, attack_end=12.0, run_end=14.0, settle=1.0)
+    silent = [Sample(at, {}, {}, {}, {}) for at in range(14)]
+    probes = [ProbeResult(at=t / 5, ok=True, seconds=0.001) for t in range(70)]
+    alone = judge_flood(silent, probes, timeline, Limits(), watched="probes only")
+    assert (alone.verdict, alone.reasons, alone.watched) == ("held", [], "probes only")
+    gone = judge_flood(silent, probes, timeline, Limits(), watched="process")
+    assert gone.verdict == "down" and gone.reasons == ["its process (/proc) never answered"]
+
+
+def test_the_peers_runner_chooses_its_targets_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    assert peers_main(["--target", "x=127.0.0.1:1"]) == 2
+    assert "it chooses the targets itself" in capsys.readouterr().err
