@@ -51,6 +51,9 @@ LIMIT_SECONDS ?= 15
 VIA ?= auto
 FLOOD_VIA = --via $(VIA) --docker-project $(PROJECT)
 QUICK ?=
+# make flood-peers-containers: compose's `peers` profile (their ports: loadtest/peers.py).
+PEER_SERVICES := peer-asyncio peer-uvloop-streams peer-uvloop-protocol peer-c-epoll \
+	peer-asyncio-hardened
 BENCH_ARGS ?=
 
 # How the bounded pools take connections: ready (default) or connection (the recipe's).
@@ -176,6 +179,13 @@ flood-peers: venv ## The same floods against asyncio, uvloop and C echo servers 
 	$(PY) -m loadtest.peers --scenarios $(SCENARIOS) --connections $(CONNECTIONS) \
 		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood-peers.json --charts $(REPORTS)/peers $(FLOOD_ARGS)
 
+flood-peers-containers: engine images ## The same against the peers in containers (0.5 CPU, 128 MiB) beside make up's models
+	$(COMPOSE) --profile peers up -d --no-build $(PEER_SERVICES)
+	$(PY) -m loadtest.peers --containers --scenarios $(SCENARIOS) --connections $(CONNECTIONS) \
+		--duration $(ATTACK_SECONDS) --json $(REPORTS)/flood-peers-containers.json \
+		--charts $(REPORTS)/peers-containers $(FLOOD_ARGS); status=$$?; \
+	$(COMPOSE) --profile peers rm -fsv $(PEER_SERVICES) >/dev/null 2>&1; exit $$status
+
 flood-limit: venv ## Step each flood up per server until it is not held; table, JSON and chart in reports/
 	$(PY) -m loadtest.flood --find-limit --scenarios $(SCENARIOS) --limit-steps $(LIMIT_STEPS) \
 		--duration $(LIMIT_SECONDS) --json $(REPORTS)/flood-limits.json --charts $(REPORTS) $(FLOOD_VIA) $(FLOOD_ARGS)
@@ -201,11 +211,14 @@ endif
 		-t echo-cluster/echo:latest . || { echo "make images: could not build on $(BASE_PYTHON)" >&2; exit 1; }
 	docker build -q -f docker/prometheus.Dockerfile --build-arg PROMETHEUS_IMAGE=$(BASE_PROMETHEUS) \
 		-t echo-cluster/prometheus:latest . || { echo "make images: could not build on $(BASE_PROMETHEUS)" >&2; exit 1; }
-	@# locust and its dependencies, as wheels for the images' Python (the venv's versions).
-	@rm -rf build/locust && mkdir -p build/locust/site build/locust/reports
+	@# locust and its dependencies, and uvloop for the peers, as wheels for the images'
+	@# Python (the venv's versions); the C peer built static, so any base runs it.
+	@rm -rf build/locust && mkdir -p build/locust/site build/locust/reports build/locust/bin
 	$(PY) -m pip install --quiet --target build/locust/site --only-binary=:all: \
 		--implementation cp --python-version $(IMAGE_PYTHON) $(foreach tag,$(WHEEL_TAGS),--platform $(tag)_$(ARCH)) \
-		$$($(PY) -c 'from importlib.metadata import version as v; print("locust==" + v("locust"), "prometheus-client==" + v("prometheus-client"))')
+		$$($(PY) -c 'from importlib.metadata import version as v; print(*(p + "==" + v(p) for p in ("locust", "prometheus-client", "uvloop")))')
+	@cc -O2 -static -o build/locust/bin/epoll_echo bench/epoll_echo.c 2>/dev/null \
+		|| echo "make images: no static C build here; the c-epoll peer container is left out" >&2
 	docker build -q -f docker/locust.Dockerfile --build-arg PYTHON_IMAGE=$(BASE_PYTHON) \
 		-t echo-cluster/locust:latest . || { echo "make images: could not build on $(BASE_PYTHON)" >&2; exit 1; }
 
@@ -239,7 +252,7 @@ page-shot: venv chromium ## Screenshot the page, one 1920x1080 screen, with head
 
 down: ## Stop the stack and remove its containers, network and volume
 	$(NEED_ENGINE)
-	$(COMPOSE) down -v --remove-orphans
+	$(COMPOSE) --profile peers down -v --remove-orphans
 
 ps: ## Show the stack's containers and their health
 	$(COMPOSE) ps

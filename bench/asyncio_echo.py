@@ -1,11 +1,15 @@
 """The asyncio reference: a stdlib asyncio streams echo server (the stdlib event loop).
 
 python -m bench.asyncio_echo PORT --ready-file PATH    (0 picks a free port)
+
+Like every peer it listens on 127.0.0.1, or on ECHO_PEER_HOST (0.0.0.0 in its
+container: `make flood-peers-containers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -27,11 +31,12 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
+PEER_HOST = os.environ.get("ECHO_PEER_HOST", "127.0.0.1")
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 async def main(port: int, ready_file: str | None, handler: Handler = handle) -> None:
-    server = await asyncio.start_server(handler, "127.0.0.1", port, backlog=1024)
+    server = await asyncio.start_server(handler, PEER_HOST, port, backlog=1024)
     if ready_file:
         write_ready_file(ready_file, ("127.0.0.1", server.sockets[0].getsockname()[1]))
     async with server:

@@ -4,7 +4,8 @@
  * this machine can do, and so what the bench client can measure.
  *   epoll_echo PORT --ready-file PATH
  * (0 picks a free port; once listening it writes the launcher's ready file, see
- * services/launcher.py) */
+ * harness/launcher.py). It listens on 127.0.0.1, or on ECHO_PEER_HOST (an IPv4
+ * address: 0.0.0.0 in its container, `make flood-peers-containers`). */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -26,6 +27,11 @@ int main(int argc, char **argv) {
     setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port)};
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    const char *host = getenv("ECHO_PEER_HOST");
+    if (host && inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
+        fprintf(stderr, "ECHO_PEER_HOST: not an IPv4 address: %s\n", host);
+        return 2;
+    }
     if (bind(listener, (struct sockaddr *)&addr, sizeof addr) || listen(listener, 1024)) {
         perror("listen");
         return 1;

@@ -15,6 +15,7 @@ from typing import cast
 
 import uvloop
 
+from bench.asyncio_echo import PEER_HOST
 from bench.asyncio_echo import handle as echo_stream
 from services.readyfile import write_ready_file
 
@@ -33,9 +34,9 @@ class EchoProtocol(asyncio.Protocol):
 async def main(kind: str, port: int, ready_file: str | None) -> None:
     loop = asyncio.get_running_loop()
     if kind == "protocol":
-        server = await loop.create_server(EchoProtocol, "127.0.0.1", port, backlog=1024)
+        server = await loop.create_server(EchoProtocol, PEER_HOST, port, backlog=1024)
     else:
-        server = await asyncio.start_server(echo_stream, "127.0.0.1", port, backlog=1024)
+        server = await asyncio.start_server(echo_stream, PEER_HOST, port, backlog=1024)
     if ready_file:
         write_ready_file(ready_file, ("127.0.0.1", server.sockets[0].getsockname()[1]))
     async with server:

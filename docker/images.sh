@@ -20,8 +20,8 @@ IMAGES=(echo-cluster/echo:latest echo-cluster/prometheus:latest echo-cluster/loc
 files_key() {
   {
     "$python" -c 'from importlib.metadata import version as v
-print(v("locust"), v("prometheus-client"))'
-    find docker services loadtest prometheus .env .dockerignore -type f \
+print(v("locust"), v("prometheus-client"), v("uvloop"))'
+    find docker services loadtest bench prometheus .env .dockerignore -type f \
       ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-16
 }

@@ -43,8 +43,9 @@ def container_network(project: str, service: str) -> str | None:
     return names[0] if names else None
 
 
-def _networks_of(project: str, service: str) -> dict[str, str] | None:
-    """{network: address} of the one running container of `service`, None if none runs."""
+def container_id(project: str, service: str) -> str | None:
+    """The id of `service`'s one running container in compose project `project`, or
+    None when there is no Docker or no such container."""
     if shutil.which("docker") is None:
         return None
     labels = [
@@ -53,15 +54,21 @@ def _networks_of(project: str, service: str) -> dict[str, str] | None:
     ]
     found = docker_output("ps", "-q", *(arg for label in labels for arg in ("--filter", label)))
     ids = found.split()
-    if not ids:
-        return None
     if len(ids) > 1:
         raise AttackRefused(f"{project}/{service}: {len(ids)} containers run; expected one")
+    return ids[0] if ids else None
+
+
+def _networks_of(project: str, service: str) -> dict[str, str] | None:
+    """{network: address} of the one running container of `service`, None if none runs."""
+    found = container_id(project, service)
+    if found is None:
+        return None
     listed = docker_output(
         "inspect",
         "-f",
         "{{range $name, $net := .NetworkSettings.Networks}}{{$name}}={{$net.IPAddress}} {{end}}",
-        ids[0],
+        found,
     )
     return dict(pair.partition("=")[::2] for pair in listed.split())
 

@@ -16,6 +16,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from loadtest.attacks import AT_THE_CAP, SCENARIOS, AttackPlan
 from loadtest.botnet import BOTNET_CONTAINERS, ContainerBotnet
 from loadtest.containers import container_address, container_network
 from loadtest.flood import RunSettings, Target
+from loadtest.peers import PEER_PORTS
 from services.models import MODELS
 from support import (
     EVENTUALLY,
@@ -327,6 +329,43 @@ def test_make_up_builds_on_debian_bases_when_a_base_image_cannot_be_had(stack: N
         "base images from Debian's packages instead (OFFLINE=1)"
     ], up.stderr
     assert "the three models side by side" in up.stdout
+
+
+def compose(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The compose command as the Makefile chooses it: v2's plugin, else docker-compose."""
+    v2 = run("docker", "compose", "version", timeout=60).returncode == 0
+    return run(*(("docker", "compose") if v2 else ("docker-compose",)), "-p", PROJECT, *args,
+               timeout=timeout)  # fmt: skip
+
+
+def echoes(address: tuple[str, int]) -> bool:
+    try:
+        return echo_once(address, b"peer", timeout=5.0) == b"peer"
+    except OSError:  # not listening yet
+        return False
+
+
+def test_the_peers_profile_echoes_at_each_peers_own_address_with_the_models_limits(
+    stack: None,
+) -> None:
+    """What make flood-peers-containers floods: the tools image runs every peer."""
+    services = [f"peer-{name}" for name in PEER_PORTS]
+    try:
+        up = compose("--profile", "peers", "up", "-d", "--no-build", *services)
+        assert up.returncode == 0, up.stderr[-3000:]
+        for name, port in PEER_PORTS.items():
+            address = container_address(PROJECT, f"peer-{name}")
+            assert address is not None, name
+            wait_until(partial(echoes, (address, port)), EVENTUALLY, f"{name} echoes")
+            host = json.loads(inspect(f"peer-{name}", "{{json .HostConfig}}"))
+            assert (host["Memory"], host["PidsLimit"], host["NanoCpus"]) == (
+                128 * 2**20, 256, 500_000_000,
+            ), name  # fmt: skip
+            assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"], name
+    finally:
+        compose("--profile", "peers", "rm", "-fsv", *services)
+    left = run("docker", "ps", "-aq", "--filter", "name=peer-").stdout.split()
+    assert left == []
 
 
 def test_the_load_profile_drives_all_three_from_two_workers_in_containers(

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.servers import peer_specs
 from harness.launcher import services_command
+from loadtest.peers import PEER_PORTS
 from services.cli import parse_config
 from services.config import Config
 from services.models import MODELS, ModelSpec, registered
@@ -188,3 +190,28 @@ def _info(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict
     """The other labels of echo_server_info, whatever they are."""
     labels = next(labels for name, labels in scraped if name == "echo_server_info")
     return {k: v for k, v in labels if k != "model"}
+
+
+def test_the_peers_profile_runs_every_peer_on_its_port_with_the_models_limits() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    peers = {n: s for n, s in services.items() if s.get("profiles") == ["peers"]}
+    assert set(peers) == {f"peer-{name}" for name in PEER_PORTS}
+    local = peer_specs(hardened=True)
+    assert set(local) <= set(PEER_PORTS)  # c-epoll only where a C compiler is
+    limits = ("mem_limit", "memswap_limit", "pids_limit", "cpus", "read_only", "cap_drop")
+    for name, port in PEER_PORTS.items():
+        peer = peers[f"peer-{name}"]
+        assert peer["command"][-1] == str(port), name
+        assert {k: peer[k] for k in limits} == {k: services["executor"][k] for k in limits}
+        if name not in local:
+            continue
+        # The same program as `make flood-peers` runs locally, on another port.
+        if peer["entrypoint"] == ["python3", "-m"]:
+            assert peer["command"][:-1] == local[name][2:-1], name
+        else:
+            assert Path(peer["entrypoint"][0]).name == Path(local[name][0]).name, name
+    makefile = (ROOT / "Makefile").read_text()
+    listed = re.search(r"^PEER_SERVICES := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
+    assert listed is not None
+    assert listed.group(1).replace("\\\n", " ").split() == list(peers)

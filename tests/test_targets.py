@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import loadtest.peers
 from loadtest import flood
 from loadtest.attacks import AttackRefused
 from loadtest.floodrun import RunSettings, Target
@@ -99,17 +100,21 @@ def test_without_a_metrics_port_its_scenarios_are_skipped_and_said() -> None:
 
 
 def test_a_process_is_read_in_proc_and_reads_as_nothing_once_gone() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                             stdin=subprocess.PIPE)  # fmt: skip
+    code = "import sys; print('up', flush=True); sys.stdin.read()"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdin is not None and child.stdout is not None
     try:
+        assert child.stdout.readline() == "up\n"  # Python is running, not still starting
         values, rejected, closed, info = process_reader(child.pid)()
         assert values["threads"] == 1 and values["rss_bytes"] > 1_000_000
         assert values["open_fds"] >= 3 and values["start_time"] > 0
         assert (rejected, closed, info) == ({}, {}, {})
     finally:
-        assert child.stdin is not None
         child.stdin.close()
         child.wait()
+        child.stdout.close()
     assert process_reader(child.pid)() == NOTHING_READ
 
 
@@ -126,3 +131,27 @@ def test_a_target_watched_by_nothing_is_judged_on_its_clients_alone() -> None:
 def test_the_peers_runner_chooses_its_targets_itself(capsys: pytest.CaptureFixture[str]) -> None:
     assert peers_main(["--target", "x=127.0.0.1:1"]) == 2
     assert "it chooses the targets itself" in capsys.readouterr().err
+
+
+def test_in_containers_the_peers_runner_finds_the_models_and_the_peers_that_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    running = {"executor", "queue", "threads", "peer-asyncio", "peer-uvloop-protocol"}
+    monkeypatch.setattr(
+        loadtest.peers, "container_id", lambda _p, s: f"id-{s}" if s in running else None
+    )
+    monkeypatch.setattr(loadtest.peers, "container_address", lambda _p, s: "172.18.0.9")
+    flags = loadtest.peers.container_flags(PROJECT)
+    assert flags == [
+        "--target=executor=172.18.0.9:15001,container=id-executor,metrics=9101",
+        "--target=queue=172.18.0.9:15002,container=id-queue,metrics=9102",
+        "--target=threads=172.18.0.9:15003,container=id-threads,metrics=9103",
+        "--target=asyncio=172.18.0.9:15011,container=id-peer-asyncio",
+        "--target=uvloop-protocol=172.18.0.9:15013,container=id-peer-uvloop-protocol",
+    ]
+    assert "uvloop-streams: no running container of 'peer-uvloop-streams', left out" in (
+        capsys.readouterr().err
+    )
+    running.discard("queue")
+    with pytest.raises(AttackRefused, match="no running container of 'queue' \\(make up\\)"):
+        loadtest.peers.container_flags(PROJECT)
