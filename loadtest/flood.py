@@ -44,8 +44,10 @@ WATCHED_NOTE = {
 
 
 def format_flood_table(runs: Sequence[FloodRun]) -> str:
+    width = max([10, *(len(run.target) + 2 for run in runs)])  # the peers' longer names
     header = (
-        f"{'scenario':<18}{'server':<10}{'verdict':<10}{'threads':>13}{'RSS MiB':>15}{'fds':>7}"
+        f"{'scenario':<18}{'server':<{width}}{'verdict':<10}{'threads':>13}{'RSS MiB':>15}"
+        f"{'fds':>7}"
         f"{'probe ok':>10}{'probe p99':>11}{'estab ok':>10}{'cut':>5}{'back in':>9}"
         f"{'replaced':>10}  turned away / cut off"
     )
@@ -61,9 +63,9 @@ def format_flood_table(runs: Sequence[FloodRun]) -> str:
         cut_text = ", ".join(f"{k} {v:.0f}" for k, v in cut.items()) or "-"
         back = "never" if s.recovered_after is None else f"{s.recovered_after:.1f}s"
         lines.append(
-            f"{run.scenario:<18}{run.target:<10}{s.verdict:<10}"
+            f"{run.scenario:<18}{run.target:<{width}}{s.verdict:<10}"
             f"{s.baseline_threads:>6.0f} ->{s.peak_threads:>5.0f}"
-            f"{s.baseline_rss_mb:>7.1f} ->{s.peak_rss_mb:>5.1f}{s.peak_open_fds:>7.0f}"
+            f"{s.baseline_rss_mb:>7.1f} ->{s.peak_rss_mb:>6.1f}{s.peak_open_fds:>7.0f}"
             f"{s.probe_success:>10.1%}{s.probe_p99_ms:>9.1f}ms"
             f"{s.established_success:>10.1%}{s.established_cuts:>5}{back:>9}"
             f"{run.counts.replaced:>10}"
