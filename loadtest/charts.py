@@ -22,22 +22,29 @@ if TYPE_CHECKING:
 from services.models import MODELS
 
 PALETTE = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown")
+# Any other target (a peer: loadtest.targets), in the order it first appears.
+OTHERS = ("tab:orange", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "black")
 
 
-def color_of(model: str) -> str | None:
-    """The same colour for a model in every chart: by its place in the registry."""
-    names = list(MODELS)
-    return PALETTE[names.index(model) % len(PALETTE)] if model in names else None
+def colors_of(targets: Sequence[str]) -> dict[str, str]:
+    """The same colour for a model in every chart (by its place in the registry); the
+    other targets take the colours the models do not use, so no two share one."""
+    models = list(MODELS)
+    colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(models) if m in targets}
+    others = [t for t in dict.fromkeys(targets) if t not in colors]
+    free = [c for c in OTHERS if c not in colors.values()]
+    return colors | {t: free[i % len(free)] for i, t in enumerate(others)}
 
 
 def write_charts(runs: Sequence[FloodRun], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
+    colors = colors_of([run.target for run in runs])
     for scenario in dict.fromkeys(run.scenario for run in runs):
         chosen = [run for run in runs if run.scenario == scenario]
         figure, (threads, rss, latency) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
         for run in chosen:
-            color = color_of(run.target)
+            color = colors[run.target]
             label = f"{run.target} ({run.summary.verdict})"
             good = [s for s in run.samples if s.ok]
             times = [s.at - run.attack_start for s in good]
@@ -93,12 +100,13 @@ def write_limit_chart(points: Sequence[BreakingPoint], directory: Path) -> Path:
     scenarios = list(dict.fromkeys(point.scenario for point in points))
     targets = list(dict.fromkeys(point.target for point in points))
     width = 0.8 / max(1, len(targets))
+    colors = colors_of(targets)
     figure, axis = plt.subplots(figsize=(10, 4.5))
     for index, target in enumerate(targets):
         held = {p.scenario: p.held or 0 for p in points if p.target == target}
         xs = [n + index * width for n in range(len(scenarios))]
         heights = [max(held.get(scenario, 0), 0.9) for scenario in scenarios]
-        bars = axis.bar(xs, heights, width, color=color_of(target), label=target)
+        bars = axis.bar(xs, heights, width, color=colors[target], label=target)
         for bar, scenario in zip(bars, scenarios, strict=True):
             value = held.get(scenario, 0)
             axis.annotate(

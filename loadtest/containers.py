@@ -59,6 +59,16 @@ def container_id(project: str, service: str) -> str | None:
     return ids[0] if ids else None
 
 
+def main_pid(container: str) -> int | None:
+    """The pid (in this host's view) of a container's main process; None when it does
+    not run (or Docker does not answer)."""
+    try:
+        pid = int(docker_output("inspect", "-f", "{{.State.Pid}}", container).strip())
+    except (AttackRefused, ValueError):
+        return None
+    return pid or None
+
+
 def _networks_of(project: str, service: str) -> dict[str, str] | None:
     """{network: address} of the one running container of `service`, None if none runs."""
     found = container_id(project, service)

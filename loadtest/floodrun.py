@@ -22,6 +22,7 @@ from loadtest.attacks import (
     ensure_descriptors,
 )
 from loadtest.botnet import BOTNET_CONTAINERS, ContainerBotnet
+from loadtest.containers import main_pid
 from loadtest.observe import (
     NOTHING_READ,
     Established,
@@ -48,6 +49,7 @@ class Target:
     container: bool = False  # the addresses are its container's own (loadtest.containers)
     network: str | None = None  # its container's network, where a botnet's containers join
     pid: int | None = None  # without metrics: its process, read in /proc (this host's view)
+    box: str | None = None  # its container (container=NAME): whose next pid to follow
 
     @property
     def watched(self) -> str:
@@ -58,7 +60,8 @@ class Target:
         if self.metrics is not None:
             return metrics_reader(self.metrics)
         if self.pid is not None:
-            return process_reader(self.pid)
+            box = self.box
+            return process_reader(self.pid, None if box is None else lambda: main_pid(box))
         return lambda: NOTHING_READ
 
 

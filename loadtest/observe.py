@@ -241,11 +241,14 @@ def metrics_reader(metrics: tuple[str, int], timeout: float = 2.0) -> Callable[[
     return read
 
 
-def process_reader(pid: int) -> Callable[[], Reading]:
+def process_reader(pid: int, find: Callable[[], int | None] | None = None) -> Callable[[], Reading]:
     """What /proc says of a server with no metrics of its own: its threads, RSS, open
-    descriptors and start time. A process that is gone reads as nothing."""
+    descriptors and start time. A process that is gone reads as nothing, unless `find`
+    names its successor (a container restarted: its new main process), which is read
+    from then on; its start time tells the verdict it restarted."""
+    current = [pid]
 
-    def read() -> Reading:
+    def read_one(pid: int) -> Reading:
         try:
             status = procfs.status(pid)
             values = {
@@ -257,6 +260,15 @@ def process_reader(pid: int) -> Callable[[], Reading]:
         except (OSError, KeyError, ValueError):
             return NOTHING_READ
         return values, {}, {}, {}
+
+    def read() -> Reading:
+        reading = read_one(current[0])
+        if reading is NOTHING_READ and find is not None:
+            successor = find()
+            if successor and successor != current[0]:
+                current[0] = successor
+                reading = read_one(successor)
+        return reading
 
     return read
 

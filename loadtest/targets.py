@@ -93,8 +93,11 @@ def parse_target(spec: str, project: str) -> Target:
         raise AttackRefused(f"--target {spec!r}: pid= or container=, not both")
     metrics = (host, _port(given["metrics"], spec)) if "metrics" in given else None
     if "container" in given:
-        main_pid, network = _container(given["container"], host, project, spec)
-        return Target(name, (host, port), metrics, container=True, network=network, pid=main_pid)
+        box = given["container"]
+        pid, network = _container(box, host, project, spec)
+        return Target(
+            name, (host, port), metrics, container=True, network=network, pid=pid, box=box
+        )
     return Target(
         name, (host, port), metrics, pid=_pid(given["pid"], spec) if "pid" in given else None
     )

@@ -149,9 +149,9 @@ def reasons_down(
     if len({s.values["start_time"] for s in good if "start_time" in s.values}) > 1:
         reasons.append("the process restarted during the run")
     silence = longest_silence(samples, timeline.run_end)
-    # A process read in /proc is silent when it is gone (a container restarts it under
-    # another pid) or stalled in the kernel (reclaiming at its memory limit).
-    source = "its metrics" if watched == "metrics" else "its process (/proc: gone or stalled)"
+    # A process read in /proc is silent while it is gone and no successor runs (a
+    # container's is followed: `observe.process_reader`).
+    source = "its metrics" if watched == "metrics" else "its process (/proc)"
     if watched == "probes only":
         pass  # nothing to read: judged on its clients alone
     elif not good:

@@ -7,6 +7,8 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from loadtest.observe import NOTHING_READ, ProbeResult, Sample, process_reader
 from loadtest.peers import main as peers_main
 from loadtest.targets import parse_target
 from loadtest.verdict import Limits, Timeline, judge_flood
+from services.models import MODELS
 
 PROJECT = "echo-cluster"
 
@@ -77,6 +80,7 @@ def test_a_container_target_is_one_of_the_projects_at_its_own_address(docker_say
     docker_says.write_text(f"{PROJECT}/ 4242 {PROJECT}_peers=172.18.0.7 ")
     target = parse_target("uv=172.18.0.7:15011,container=uv", PROJECT)
     assert (target.container, target.network, target.pid) == (True, f"{PROJECT}_peers", 4242)
+    assert target.box == "uv"  # whose next main process the watch follows
     with pytest.raises(AttackRefused, match="not the address of running container 'uv'"):
         parse_target("uv=172.18.0.8:15011,container=uv", PROJECT)
     docker_says.write_text("other/ 4242 other_default=172.18.0.7 ")
@@ -99,23 +103,47 @@ def test_without_a_metrics_port_its_scenarios_are_skipped_and_said() -> None:
         RunSettings().plan("fd-squeeze", peer)
 
 
-def test_a_process_is_read_in_proc_and_reads_as_nothing_once_gone() -> None:
+@contextmanager
+def python_process() -> Iterator[subprocess.Popen[str]]:
+    """A Python process that runs (not still starting) until the block ends."""
     code = "import sys; print('up', flush=True); sys.stdin.read()"
     child = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert child.stdin is not None and child.stdout is not None
     try:
-        assert child.stdout.readline() == "up\n"  # Python is running, not still starting
-        values, rejected, closed, info = process_reader(child.pid)()
-        assert values["threads"] == 1 and values["rss_bytes"] > 1_000_000
-        assert values["open_fds"] >= 3 and values["start_time"] > 0
-        assert (rejected, closed, info) == ({}, {}, {})
+        assert child.stdout.readline() == "up\n"
+        yield child
     finally:
         child.stdin.close()
         child.wait()
         child.stdout.close()
+
+
+def test_a_process_is_read_in_proc_and_reads_as_nothing_once_gone() -> None:
+    with python_process() as child:
+        values, rejected, closed, info = process_reader(child.pid)()
+        assert values["threads"] == 1 and values["rss_bytes"] > 1_000_000
+        assert values["open_fds"] >= 3 and values["start_time"] > 0
+        assert (rejected, closed, info) == ({}, {}, {})
     assert process_reader(child.pid)() == NOTHING_READ
+
+
+def test_a_restarted_container_is_followed_to_its_new_process_and_judged_restarted() -> None:
+    successor: list[int] = []
+    with python_process() as first:
+        read = process_reader(first.pid, find=lambda: successor[0] if successor else None)
+        before = read()[0]
+    assert read() == NOTHING_READ  # gone, and no successor yet
+    with python_process() as second:
+        successor.append(second.pid)
+        after = read()[0]
+        assert after["start_time"] > before["start_time"] and read()[0]  # and stays on it
+    timeline = Timeline(attack_start=1.0, attack_end=3.0, run_end=4.0, settle=0.5)
+    samples = [Sample(at, values, {}, {}, {}) for at, values in ((0.5, before), (2.0, after))]
+    probes = [ProbeResult(at=t / 5, ok=True, seconds=0.001) for t in range(20)]
+    summary = judge_flood(samples, probes, timeline, Limits(), watched="process")
+    assert "the process restarted during the run" in summary.reasons
 
 
 def test_a_target_watched_by_nothing_is_judged_on_its_clients_alone() -> None:
@@ -126,7 +154,7 @@ def test_a_target_watched_by_nothing_is_judged_on_its_clients_alone() -> None:
     assert (alone.verdict, alone.reasons, alone.watched) == ("held", [], "probes only")
     gone = judge_flood(silent, probes, timeline, Limits(), watched="process")
     assert gone.verdict == "down"
-    assert gone.reasons == ["its process (/proc: gone or stalled) never answered"]
+    assert gone.reasons == ["its process (/proc) never answered"]
 
 
 def test_the_peers_runner_chooses_its_targets_itself(capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,3 +184,14 @@ def test_in_containers_the_peers_runner_finds_the_models_and_the_peers_that_run(
     running.discard("queue")
     with pytest.raises(AttackRefused, match="no running container of 'queue' \\(make up\\)"):
         loadtest.peers.container_flags(PROJECT)
+
+
+def test_every_server_in_a_chart_has_a_colour_of_its_own() -> None:
+    from loadtest.charts import PALETTE, colors_of  # noqa: PLC0415 (matplotlib: slow import)
+
+    peers = ["asyncio", "uvloop-streams", "uvloop-protocol", "c-epoll", "asyncio-hardened"]
+    colors = colors_of([*MODELS, *peers, "asyncio"])
+    assert len(colors) == len(MODELS) + len(peers)
+    assert len(set(colors.values())) == len(colors)  # none shared
+    assert [colors[m] for m in MODELS] == list(PALETTE[: len(MODELS)])  # as in every chart
+    assert colors_of(["threads"]) == {"threads": colors["threads"]}
