@@ -11,6 +11,7 @@ vanishes is recorded as failures, not crashed on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -254,11 +255,14 @@ def process_reader(pid: int, find: Callable[[], int | None] | None = None) -> Ca
             values = {
                 "threads": float(status["Threads"]),
                 "rss_bytes": float(status["VmRSS"]),
-                "open_fds": float(len(os.listdir(f"/proc/{pid}/fd"))),
                 "start_time": procfs.start_ticks(pid),
             }
         except (OSError, KeyError, ValueError):
             return NOTHING_READ
+        # Another user's descriptors (a container's, run as its own uid) are root's to
+        # list: without them the process is still read, its descriptors unknown.
+        with contextlib.suppress(PermissionError, FileNotFoundError):
+            values["open_fds"] = float(len(os.listdir(f"/proc/{pid}/fd")))
         return values, {}, {}, {}
 
     def read() -> Reading:

@@ -15,17 +15,14 @@ from pathlib import Path
 import pytest
 from _pytest.mark.structures import ParameterSet
 
-from bench.servers import peer_specs
 from harness.launcher import UNDER_AS_LIMIT
 from loadtest.attacks import AT_THE_CAP, SCENARIOS
 from loadtest.breaking import LIMIT_STEPS, find_limit
-from loadtest.flood import FloodRun, RunSettings, Target, flood
+from loadtest.flood import FloodRun, RunSettings, Target
 from loadtest.observe import Sample
-from loadtest.targets import parse_target
 from services.budget import default_cap
 from support import (
     BOUNDED,
-    EVENTUALLY,
     LIMITED,
     ROOT,
     UNBOUNDED,
@@ -362,21 +359,3 @@ def test_find_limit_brackets_the_threads_models_limit(tmp_path: Path) -> None:
     assert failed is not None and failed.size == 128, point
     assert any("threads grew" in reason for reason in failed.reasons), failed
     assert point.describe() == "32 connections (not 128)"
-
-
-def test_a_server_without_metrics_is_flooded_and_watched_through_proc(tmp_path: Path) -> None:
-    """Any echo server is a target: the naive asyncio peer, its threads, memory and
-    descriptors read from /proc (`--target NAME=HOST:PORT,pid=N`)."""
-    peer = ServerProcess(peer_specs()["asyncio"], log_path=tmp_path / "peer.log")
-    try:
-        peer.wait_ready(EVENTUALLY)
-        target = parse_target(f"asyncio={peer.address[0]}:{peer.address[1]},pid={peer.pid}", "-")
-        run = flood(target, "idle", settings(connections=500, duration=6.0))
-    finally:
-        peer.close()
-    summary = run.summary
-    assert (summary.watched, summary.scrape_failures) == ("process", 0), summary
-    assert summary.peak_open_fds >= 500, summary  # every attacker connection, seen by /proc
-    assert summary.baseline_threads == summary.peak_threads == 1, summary  # one event loop
-    assert summary.rejected == summary.closed == {}, summary  # nothing known of those
-    assert run.counts.peak_open == 500

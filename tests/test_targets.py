@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 import loadtest.peers
+from bench.servers import peer_specs
+from harness.launcher import ServerProcess
 from loadtest import flood
 from loadtest.attacks import AttackRefused
 from loadtest.floodrun import RunSettings, Target
@@ -22,6 +24,7 @@ from loadtest.peers import main as peers_main
 from loadtest.targets import parse_target
 from loadtest.verdict import Limits, Timeline, judge_flood
 from services.models import MODELS
+from support import EVENTUALLY
 
 PROJECT = "echo-cluster"
 
@@ -195,3 +198,37 @@ def test_every_server_in_a_chart_has_a_colour_of_its_own() -> None:
     assert len(set(colors.values())) == len(colors)  # none shared
     assert [colors[m] for m in MODELS] == list(PALETTE[: len(MODELS)])  # as in every chart
     assert colors_of(["threads"]) == {"threads": colors["threads"]}
+
+
+def test_a_process_whose_descriptors_may_not_be_listed_is_still_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not root, a container's process (its own uid) shows its status, not its fds."""
+
+    def refused(path: str) -> list[str]:
+        raise PermissionError(13, "Permission denied", path)
+
+    with python_process() as child, monkeypatch.context() as patched:
+        patched.setattr(os, "listdir", refused)  # as observe calls it; undone at once
+        values = process_reader(child.pid)()[0]
+    assert values["threads"] == 1 and values["rss_bytes"] > 0 and "open_fds" not in values
+
+
+def test_a_server_without_metrics_is_flooded_and_watched_through_proc(tmp_path: Path) -> None:
+    """Any echo server is a target: the naive asyncio peer, its threads, memory and
+    descriptors read from /proc (`--target NAME=HOST:PORT,pid=N`). Nothing here is
+    timed, so it runs beside other tests."""
+    peer = ServerProcess(peer_specs()["asyncio"], log_path=tmp_path / "peer.log")
+    settings = RunSettings(connections=300, rate=2500.0, duration=4.0, baseline=1.0, settle=2.0)
+    try:
+        peer.wait_ready(EVENTUALLY)
+        target = parse_target(f"asyncio={peer.address[0]}:{peer.address[1]},pid={peer.pid}", "-")
+        run = flood.flood(target, "idle", settings)
+    finally:
+        peer.close()
+    summary = run.summary
+    assert (summary.watched, summary.scrape_failures) == ("process", 0), summary
+    assert summary.peak_open_fds >= 300, summary  # every attacker connection, seen by /proc
+    assert summary.baseline_threads == summary.peak_threads == 1, summary  # one event loop
+    assert summary.rejected == summary.closed == {}, summary  # nothing known of those
+    assert run.counts.peak_open == 300
