@@ -21,6 +21,15 @@ from loadtest.attacks import AttackRefused
 DOCKER_TIMEOUT = 15.0
 
 
+# A container's networks as `docker inspect -f` prints them: "name=address " each.
+NETWORKS = "{{range $name, $net := .NetworkSettings.Networks}}{{$name}}={{$net.IPAddress}} {{end}}"
+
+
+def parse_networks(words: list[str]) -> dict[str, str]:
+    """{network: address} from the words NETWORKS prints."""
+    return dict(word.partition("=")[::2] for word in words)
+
+
 def container_address(project: str, service: str) -> str | None:
     """The address of `service`'s running container in compose project `project` on
     its network, or None when there is no Docker or no such container."""
@@ -74,13 +83,7 @@ def _networks_of(project: str, service: str) -> dict[str, str] | None:
     found = container_id(project, service)
     if found is None:
         return None
-    listed = docker_output(
-        "inspect",
-        "-f",
-        "{{range $name, $net := .NetworkSettings.Networks}}{{$name}}={{$net.IPAddress}} {{end}}",
-        found,
-    )
-    return dict(pair.partition("=")[::2] for pair in listed.split())
+    return parse_networks(docker_output("inspect", "-f", NETWORKS, found).split())
 
 
 def _is_private(address: str) -> bool:

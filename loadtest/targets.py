@@ -17,7 +17,13 @@ import re
 from pathlib import Path
 
 from loadtest.attacks import AttackRefused
-from loadtest.containers import container_address, container_network, docker_output
+from loadtest.containers import (
+    NETWORKS,
+    container_address,
+    container_network,
+    docker_output,
+    parse_networks,
+)
 from loadtest.floodrun import Target
 from services.models import MODELS
 
@@ -130,17 +136,14 @@ def _pid(text: str, spec: str) -> int:
 def _container(name: str, host: str, project: str, spec: str) -> tuple[int, str]:
     """The container's main process and the network on which `host` is its address:
     a container address is accepted only as Docker gives it, of the project's own."""
-    template = (
-        '{{index .Config.Labels "com.docker.compose.project"}}/ {{.State.Pid}} '
-        "{{range $name, $net := .NetworkSettings.Networks}}{{$name}}={{$net.IPAddress}} {{end}}"
-    )
+    template = '{{index .Config.Labels "com.docker.compose.project"}}/ {{.State.Pid}} ' + NETWORKS
     try:
         owner, pid, *networks = docker_output("inspect", "-f", template, name).split()
     except (AttackRefused, ValueError) as error:
         raise AttackRefused(f"--target {spec!r}: {error}") from None
     if owner != f"{project}/":
         raise AttackRefused(f"--target {spec!r}: {name!r} is not of compose project {project!r}")
-    on = [net for net, address in (n.partition("=")[::2] for n in networks) if address == host]
+    on = [net for net, address in parse_networks(networks).items() if address == host]
     if not on or pid == "0":
         raise AttackRefused(
             f"--target {spec!r}: {host} is not the address of running container {name!r}"
