@@ -67,8 +67,9 @@ def build_watchdog(
     else:
         log.info("watchdog: workers not watched (connection dispatch with a timeout off)")
     if isinstance(ready := server.dispatch, ReadyDispatch):
-        # Connections a worker handed back wait for the loop to park them again.
-        lanes.append(Lane("hand-backs", lambda: ready.taken_back, lambda: ready.handbacks_waiting))
+        # The leader serves every event: a turn of its that never ends leaves the rest
+        # unserved in the kernel, where no counter sees them wait.
+        lanes.append(Lane("leader", lambda: ready.leader_turns, lambda: ready.leader_in_turn))
     return Watchdog(lanes, timeout, on_trip)
 
 

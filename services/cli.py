@@ -128,13 +128,14 @@ def _dispatch_flags(add: Callable[..., object]) -> None:
     )
     add(
         "--turn-messages",
-        help="ready dispatch: messages a worker echoes on one connection before it serves "
-        "the others, if others wait [ECHO_TURN_MESSAGES, default 16]",
+        help="ready dispatch: messages a turn echoes on one connection before it lets the "
+        "others have theirs [ECHO_TURN_MESSAGES, default 16]",
     )
     add(
         "--linger",
-        help="ready dispatch: seconds a worker with nothing else to do waits on its connection "
-        "for the next message before parking it; 0 parks at once [ECHO_LINGER, default "
+        help="ready dispatch: while there are fewer connections than workers, seconds a "
+        "worker waits on its connection for the next message before parking it; 0 parks "
+        "at once [ECHO_LINGER, default "
         f"{Config.linger:g}]",
     )
     add(

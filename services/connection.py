@@ -14,7 +14,7 @@ class Connection:
     """A connection's state between turns; lives as long as the connection."""
 
     __slots__ = (
-        "admitted", "early", "fd", "last_active", "ready_at", "received", "sock",
+        "admitted", "fd", "last_active", "ready_at", "received", "sock",
         "stalled_since", "state", "unsent", "woke_writable",
     )  # fmt: skip
 
@@ -22,11 +22,10 @@ class Connection:
         self.sock = sock
         self.state = State.WAITING  # counted there on admission; changed with its counters
         self.fd = sock.fileno()  # for the epoll set, which knows it by number
-        self.early = False  # its event came before the loop took it back (`ready.py`)
         self.last_active = now  # the last byte from the client (the idle clock)
         self.unsent = b""  # echo the client has not taken yet
         self.stalled_since = now  # the last progress sending `unsent`
-        self.ready_at = now  # when the loop handed it to the pool
+        self.ready_at = now  # when the leader took its event
         self.woke_writable = False  # this turn began because the client took some echo
         self.admitted = now
         self.received = 0  # bytes over its life: what it is worth at the cap

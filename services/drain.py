@@ -1,26 +1,31 @@
-"""How connections with an event reach the pool's workers (`ready` dispatch): one queue (those
-that keep to the minimum rate first, `connection.served_first`), and a job on the pool
-only for a connection that no worker is free to take.
+"""How connections with an event reach the pool's workers (`ready` dispatch): leader and
+followers.
 
-A job takes connections from the queue until it is empty, so under load a worker goes
-from one turn to the next without being woken for each, and the loop hands the pool
-a job per connection only when the pool is idle. Submitting a job per connection
-cost a future, a lock and a thread wake-up for every message, and at the cap that was
-most of a turn (docs/history/performance.md, "the loop's system calls").
+One of the pool's workers at a time leads: it waits on the parked set itself, takes
+what has an event (`take`, up to a batch), queues it, those that keep to the minimum
+rate first (`connection.served_first`), and serves the queue one turn after another
+before it waits again. So a message costs the kernel's wake-up of the leader and
+nothing more: no hand-over from the event loop's thread to a worker and back, which
+cost two thread wake-ups and the GIL passed between three threads per message
+(docs/performance.md, "Leader and followers").
 
-And no more jobs than the GIL can use: a turn never blocks except to linger (wait for
-the client's next message while no one else needs the worker), so beyond RUNNABLE jobs
-that do not linger, another job only passes the GIL to and fro: every system call of a
-turn lets go of it, and 22 runnable workers spent more time handing it over through
-the kernel than echoing (docs/history/performance.md, "the loop's system calls").
+One leader, not every idle worker waiting on the set: a turn never blocks but to
+linger, and each of its system calls lets go of the GIL, so a second thread serving
+turns only takes the GIL in turns with the first, and waits for it behind the
+interpreter's switch interval: two or four waiting on the set raised the p99 5-10x
+and served fewer (docs/history/performance.md, 2026-12-04).
 
-What must stay true, with `_lock` held whenever it is read or changed: every queued
-connection has a job not serving anything that will take it, or RUNNABLE jobs that
-do not linger will come back for it within a turn, unless every worker has a job
-(`call_workers`). A job that takes a connection counts itself as serving in the same
-step, so the loop never counts on a job that is about to be busy; a job that lingers
-says so (`linger`) before it waits. Jobs called while others lingered end after their
-turn once RUNNABLE others do not linger.
+The others follow, idle in the pool, until the leader is about to block: a turn that
+lingers (waits for its client's next message while nothing else waits) first hands
+the lead to a follower (`linger`); when its turn ends it leads again if no one does,
+else its job ends.
+
+What must stay true (`_lock` held to read or change `_leader` and `_jobs`): while the
+pool runs, a job leads or has been submitted to, unless every worker has a job (each
+lingering turn then ends at its next message, as `followed()` turns false, and leads),
+or the pool refused the job (`call_workers` says so, and the loop calls again at its
+next pass). Only the leader puts and takes queued items (`take_all` aside: the loop,
+once it has ended).
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ from functools import partial
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
-RUNNABLE = 4  # jobs that do not linger: enough to overlap their system calls on 2 cores
 # While items put `first` and others both wait, this many of the first are taken, then one
 # of the others: the first never wait behind the whole queue, and the others are never
 # starved (a busy client that fell behind because it waited must not wait for good).
 FIRST_RUN = 4
+WAIT = 1.0  # seconds the leader waits on the set before it looks at `stopping()` again
 
 
 def won(claim: list[object]) -> bool:
@@ -55,6 +60,10 @@ class PoolQueue(Generic[Item]):
         workers: int,
         submit: Callable[[Callable[[], None]], None],
         serve: Callable[[Item], bool],
+        *,
+        take: Callable[[float], Item | None],
+        stopping: Callable[[], bool],
+        unlead: Callable[[], None],
     ) -> None:
         self._first: deque[Item] = deque()  # served ahead of `_items` (FIRST_RUN)
         self._items: deque[Item] = deque()
@@ -62,10 +71,18 @@ class PoolQueue(Generic[Item]):
         self._lock = threading.Lock()
         self._workers = workers
         self._jobs = 0  # submitted and not ended
-        self._serving = 0  # of them, those serving a connection now
-        self._lingering = 0  # of those, the ones whose turn has lingered
+        self._leader = False  # a job leads, or has been submitted to
+        # The watchdog's leader lane: turns the leaders have begun, and whether the
+        # leader is in one (a turn that lingers is the leader's no more).
+        self.turns = 0
+        self.in_turn = False
         self._submit = submit
         self._serve = serve  # never raises; True if the turn called `linger()`
+        # Wait up to so many seconds for events and put() them; or return one to serve
+        # at once (a lone event, with nothing queued).
+        self._take = take
+        self._stopping = stopping
+        self._unlead = unlead  # a job stops leading: whatever it kept, it settles (never raises)
 
     def __len__(self) -> int:
         return len(self._first) + len(self._items)
@@ -74,49 +91,54 @@ class PoolQueue(Generic[Item]):
     def jobs(self) -> int:
         return self._jobs
 
-    def linger(self) -> None:
-        """Called by a job's turn before it first waits for a client's next message: it
-        may have been counted on for what is queued, so another job is called if need
-        be (a refusal is retried by the loop's next call)."""
-        with self._lock:
-            self._lingering += 1
-        self.call_workers()
+    @property
+    def led(self) -> bool:
+        """Whether a job leads, or has been submitted to (a glance, without the lock)."""
+        return self._leader
+
+    def followed(self, lingering: bool) -> bool:
+        """Whether a turn may linger, or go on lingering (`lingering`), as far as the
+        lead goes: nothing the leader took waits, and a follower is free to take the
+        lead (to start) or has taken it (to go on). A glance, without the lock: one a
+        step behind costs a turn, nothing more."""
+        if self._first or self._items:
+            return False
+        return self._leader if lingering else self._jobs < self._workers
 
     def put(self, item: Item, first: bool = False) -> None:
-        """Queue an item; one put `first` goes ahead of the others, FIRST_RUN at a time.
-        `call_workers()` then, once for a batch."""
+        """Queue an item (by the leader); one put `first` goes ahead of the others,
+        FIRST_RUN at a time."""
         (self._first if first else self._items).append(item)
 
     def call_workers(self) -> bool:
-        """Submit jobs until every queued item has a job free to take it, or RUNNABLE
-        jobs do not linger, or every worker has a job. False if the pool refused one
-        (stopped, or out of memory): the items wait for the next call."""
-        while True:
-            with self._lock:
-                free = self._jobs - self._serving
-                runnable = self._jobs - self._lingering
-                if self._jobs >= self._workers or len(self) <= free or runnable >= RUNNABLE:
-                    return True
-                self._jobs += 1
-            claim: list[object] = [self]
-            try:
-                self._submit(partial(self._drain, claim))
-            except Exception:  # MemoryError included
-                # The pool may have queued the job and then failed (queue.Queue.put
-                # counts its task after appending it): the first to take the claim
-                # decides whether it runs.
-                if won(claim):
-                    with self._lock:
-                        self._jobs -= 1
-                    return False
+        """Submit a job to lead if none leads and a worker is free. False if the pool
+        refused it (stopped, or out of memory): the caller calls again later."""
+        with self._lock:
+            if self._leader or self._jobs >= self._workers:
+                return True
+            self._leader = True
+            self._jobs += 1
+        claim: list[object] = [self]
+        try:
+            self._submit(partial(self._lead, claim))
+        except Exception:  # MemoryError included
+            # The pool may have queued the job and then failed (queue.Queue.put counts
+            # its task after appending it): the first to take the claim decides whether
+            # it runs.
+            if won(claim):
+                with self._lock:
+                    self._leader = False
+                    self._jobs -= 1
+                return False
+        return True
 
-    def _next(self, first: deque[Item], items: deque[Item]) -> Item:
-        """The next item to serve (`_lock` held); IndexError when none waits."""
-        if first and (not items or self._first_run < FIRST_RUN):
-            self._first_run += 1 if items else 0
-            return first.popleft()
-        self._first_run = 0
-        return items.popleft()
+    def linger(self) -> None:
+        """Called by a turn before it first waits for its client's next message: it
+        hands the lead to a follower (a refusal is retried by the loop's next call)."""
+        with self._lock:
+            self._leader = False
+            self.in_turn = False
+        self.call_workers()
 
     def take_all(self) -> list[Item]:
         """Everything queued, for whoever closes them (the loop has ended)."""
@@ -129,30 +151,43 @@ class PoolQueue(Generic[Item]):
                     break
         return taken
 
-    def _drain(self, claim: list[object]) -> None:
+    def _next(self) -> Item:
+        """The next item to serve; IndexError when none waits."""
+        first, items = self._first, self._items
+        if first and (not items or self._first_run < FIRST_RUN):
+            self._first_run += 1 if items else 0
+            return first.popleft()
+        self._first_run = 0
+        return items.popleft()
+
+    def _lead(self, claim: list[object]) -> None:
         if not won(claim):
             return  # counted as never submitted
-        lock, first, items, serving, lingered = self._lock, self._first, self._items, 0, False
-        while True:
-            with lock:
-                self._serving -= serving
-                self._lingering -= lingered
-                if self._jobs - 1 - self._lingering >= RUNNABLE:
-                    # Jobs called while others lingered: enough of the rest do not linger
-                    # now, and will come back for what is queued.
-                    self._jobs -= 1
-                    return
-                try:
-                    item = self._next(first, items)
-                except IndexError:
-                    self._jobs -= 1
-                    return
-                self._serving += 1
-                serving = 1
-            try:
-                lingered = self._serve(item)
-            except BaseException:  # it must not: then whether it lingered is unknown
-                with lock:
-                    self._serving -= 1
-                    self._jobs -= 1
-                raise
+        leading = True
+        try:
+            while not self._stopping():
+                if self._first or self._items:
+                    item = self._next()
+                else:
+                    taken = self._take(WAIT)
+                    if taken is None:
+                        continue
+                    item = taken
+                self.turns += 1  # only the leader: no lock needed
+                self.in_turn = True
+                if not self._serve(item):
+                    self.in_turn = False
+                    continue
+                with self._lock:  # it lingered, and handed the lead on: take it back?
+                    if self._leader:
+                        leading = False
+                        return
+                    self._leader = True
+        finally:
+            if leading:
+                self.in_turn = False
+                self._unlead()
+            with self._lock:
+                self._jobs -= 1
+                if leading:
+                    self._leader = False

@@ -113,13 +113,14 @@ class EchoCollector(Collector):
         server = self._server
         yield _histogram(
             "dispatch_wait",
-            "From a connection turning readable to a worker starting on it (ready dispatch).",
+            "From the leader taking a connection's event to its turn starting (ready "
+            "dispatch): the wait behind the rest of the leader's batch.",
             server.stats.dispatch_wait,
         )
         yield _histogram(
             "loop_lag",
-            "From the event loop waking to its last hand-over to the pool in that wake "
-            "(ready dispatch): the wait before dispatch_wait.",
+            "From the event loop waking to the end of its pass: accepting, timeouts, "
+            "eviction (ready dispatch). What a newcomer's accept can wait behind.",
             server.stats.loop_lag,
         )
 

@@ -2,19 +2,17 @@
 of their own, each connection armed for one event at a time (EPOLLONESHOT).
 
 An event disarms its connection, so a connection in a worker is never reported, and
-the worker that served it arms it again (epoll_ctl is safe from any thread) before it
-hands it back. So the loop's thread makes no system call per message: each one would
-let go of the GIL, and with a pool of workers ready to take it the loop waited to get
-it back while new connections piled up in the accept queue (docs/history/performance.md,
-"The loop's system calls").
-
-The set's own descriptor is readable while any connection in it has an event, so the
-server's event loop watches it like any socket.
+the worker that served it arms it again before it parks it. The pool's leader waits
+on the set itself (`wait`) and serves what it takes (`services/drain.py`): the event
+loop's thread never touches a message, and a message costs no thread wake-up but the
+one the kernel makes for the leader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import select
+import socket
 
 from services.connection import Connection
 from services.states import State
@@ -31,12 +29,26 @@ class ParkedSet:
         # Connections by descriptor; an entry goes before its socket closes, as the
         # number may be given to the next accepted connection at once.
         self._by_fd: dict[int, Connection] = {}
-
-    def fileno(self) -> int:
-        return self._epoll.fileno()
+        # Readable once `interrupt()` is called, and then for good (level-triggered):
+        # whoever waits on the set, now or later, returns at once.
+        self._interrupt_reader, self._interrupt_writer = socket.socketpair()
+        try:
+            self._epoll.register(self._interrupt_reader.fileno(), select.EPOLLIN)
+        except BaseException:
+            self.close()
+            raise
+        self.interrupted = False
 
     def close(self) -> None:
         self._epoll.close()
+        self._interrupt_reader.close()
+        self._interrupt_writer.close()
+
+    def interrupt(self) -> None:
+        """End every wait on the set, now and from now on. Never raises."""
+        self.interrupted = True
+        with contextlib.suppress(OSError):  # full or closed: it is readable already
+            self._interrupt_writer.send(b"\0")
 
     def add(self, conn: Connection, events: int) -> None:
         """Put a new connection in the set, armed for `events`; all or nothing."""
@@ -59,8 +71,9 @@ class ParkedSet:
         Never raises."""
         self._by_fd.pop(conn.fd, None)
 
-    def with_events(self, most: int) -> list[Connection]:
-        """Connections with an event, at most `most`, without waiting. Each is disarmed
-        now: one that is not served must be armed again."""
+    def wait(self, timeout: float, most: int) -> list[Connection]:
+        """Connections with an event, at most `most`, waiting up to `timeout` seconds for
+        the first (0: not at all). Each is disarmed now: one that is not served must be
+        armed again. Empty once interrupted; ValueError once closed."""
         by_fd = self._by_fd
-        return [conn for fd, _ in self._epoll.poll(0, most) if (conn := by_fd.get(fd))]
+        return [conn for fd, _ in self._epoll.poll(timeout, most) if (conn := by_fd.get(fd))]

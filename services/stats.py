@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from services.concurrency import SharedCounter, Step, locked, snapshot
+from services.concurrency import SharedCounter, Step, adjust, locked, snapshot
 from services.states import Closed, Rejected, State
 
 # Latency buckets from 100 us: where a healthy pool's dispatch wait and a loopback echo
@@ -91,6 +91,30 @@ class OpenLabeledCounter:
         with self._lock:
             counters = dict(self._counters)
         return {label: counter.value for label, counter in counters.items()}
+
+
+class Tally:
+    """Counts one thread keeps for a while and adds to the shared counters in one step
+    (`flush`): the pool's leader, which would otherwise take a counting step (a few
+    locks through `acquire()`) for every message (docs/performance.md)."""
+
+    __slots__ = ("_deltas",)
+
+    def __init__(self) -> None:
+        self._deltas: dict[SharedCounter, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._deltas)
+
+    def add(self, counter: SharedCounter, delta: int) -> None:
+        self._deltas[counter] = self._deltas.get(counter, 0) + delta
+
+    def flush(self) -> None:
+        """Add everything kept, as one step; on MemoryError nothing is added or lost,
+        and a later flush tries again."""
+        if self._deltas:
+            adjust(*self._deltas.items())
+            self._deltas.clear()
 
 
 class Histogram:
@@ -163,10 +187,10 @@ class ServerStats:
         self.writing = SharedCounter()  # parked until the client takes its echo
         self.started = SharedCounter()
         self.pending_output = SharedCounter()  # bytes of echoes the clients have not taken
-        # Seconds from a connection turning readable to a worker starting on it.
+        # Seconds from the leader taking a connection's event to its turn (ready dispatch).
         self.dispatch_wait = Histogram(SUB_MS_BUCKETS)
-        # Seconds from the event loop's wake-up to its last hand-over to the pool in that
-        # wake (ready dispatch): what a readable connection waits before dispatch_wait.
+        # Seconds from the event loop's wake-up to the end of its pass (ready dispatch):
+        # accepting, timeouts and eviction, what a newcomer's accept waits behind.
         self.loop_lag = Histogram(SUB_MS_BUCKETS)
         self.rejected = LabeledCounter(Rejected)
         self.closed = LabeledCounter(Closed)
@@ -186,11 +210,25 @@ class ServerStats:
         }
         # The steps every turn takes, their locks put in order once (see Step).
         self._moves: dict[tuple[SharedCounter, SharedCounter], Step] = {}
+        traffic = (self.received_bytes, self.sent_bytes, self.messages)
         self._start = Step(self.queued, self.busy, self.started)
-        self._traffic = Step(self.received_bytes, self.sent_bytes, self.messages)
+        self._traffic = Step(*traffic)
+        # A turn is counted busy from its start (connection dispatch) or from when it
+        # lingers (ready): a turn on the leader that neither lingers nor closes is a
+        # step from where its connection was counted, started and parked again at once.
+        parked = (self.waiting, self.writing)
+        self._begins = {
+            source: Step(source, self.busy, self.started) for source in (self.queued, *parked)
+        }
         self._hand_backs = {
-            parked: Step(self.busy, parked, self.received_bytes, self.sent_bytes, self.messages)
-            for parked in (self.waiting, self.writing)
+            (source, to): Step(self.busy, to, *traffic)
+            if source is self.busy
+            # Parked to parked again: the same counter, so only started and the traffic.
+            else Step(self.started, *traffic)
+            if source is to
+            else Step(source, to, self.started, *traffic)
+            for source in (self.queued, self.busy, *parked)
+            for to in parked
         }
 
     def counter(self, state: State) -> SharedCounter:
@@ -220,13 +258,32 @@ class ServerStats:
     def on_start(self) -> None:
         self._start(-1, 1, 1)
 
+    def begin_turn(self, source: SharedCounter) -> None:
+        """A turn goes on the books as busy (started), from where it was counted."""
+        self._begins[source](-1, 1, 1)
+
     def on_traffic(self, received: int, sent: int, messages: int) -> None:
         self._traffic(received, sent, messages)
 
-    def hand_back(self, parked: SharedCounter, received: int, sent: int, messages: int) -> None:
-        """A worker's turn ends with its connection parked (`waiting` or `writing`):
-        the move and the turn's traffic as one step, where they were two."""
-        self._hand_backs[parked](-1, 1, received, sent, messages)
+    def hand_back(
+        self,
+        source: SharedCounter,
+        parked: SharedCounter,
+        received: int,
+        sent: int,
+        messages: int,
+    ) -> None:
+        """A turn ends with its connection parked (`waiting` or `writing`), counted in
+        `source` until now (busy, or where it was when a turn that never went busy
+        began): the move, the start if it was not counted, and the turn's traffic as
+        one step, where they were three."""
+        step = self._hand_backs[source, parked]
+        if source is self.busy:
+            step(-1, 1, received, sent, messages)
+        elif source is parked:
+            step(1, received, sent, messages)
+        else:
+            step(-1, 1, 1, received, sent, messages)
 
     def active_connections(self) -> int:
         return sum(snapshot(self.queued, self.busy, self.waiting, self.writing))

@@ -67,7 +67,7 @@ GRAPHS = {
     "echoes per second",
     "turned away per second",
     "closed per second",
-    "wait for a worker",
+    "wait for a turn",
 }
 
 

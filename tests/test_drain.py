@@ -1,18 +1,15 @@
-"""How ready connections reach the pool's workers (`services/drain.py`): a job only for
-an item no job is free to take, no more jobs that do not linger than RUNNABLE, and
-every job counted once."""
+"""How ready connections reach the pool's workers (`services/drain.py`): one job leads at
+a time, serves what is queued and what it takes, hands the lead on before it lingers,
+and every job is counted once."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
-import pytest
+from collections.abc import Callable
 
 import services.drain
 from services.drain import PoolQueue
-from support import EVENTUALLY, wait_until
+from support import EVENTUALLY
 
 
 class Pool:
@@ -25,220 +22,215 @@ class Pool:
         self.jobs.append(job)
 
 
-def quick(served: list[int]) -> Callable[[int], bool]:
-    def serve(item: int) -> bool:
-        served.append(item)
+class Leading:
+    """A PoolQueue's callbacks: `take` hands out `events` one call at a time (an int to
+    serve at once, a list to queue, None for nothing) and stops the pool once they
+    run out; `serve` records what it served."""
+
+    def __init__(self, events: list[int | list[int] | None], workers: int = 4) -> None:
+        self.pool = Pool()
+        self.events = events
+        self.served: list[int] = []
+        self.lingers: set[int] = set()  # items whose turn lingers
+        self.stopped = False
+        self.unleads = 0
+        self.queue: PoolQueue[int] = PoolQueue(
+            workers,
+            self.pool.submit,
+            self.serve,
+            take=self.take,
+            stopping=lambda: self.stopped,
+            unlead=self.unlead,
+        )
+
+    def take(self, timeout: float) -> int | None:
+        assert timeout == services.drain.WAIT
+        if not self.events:
+            self.stopped = True
+            return None
+        event = self.events.pop(0)
+        if isinstance(event, list):
+            for item in event:
+                self.queue.put(item, first=item >= 100)
+            return None
+        return event
+
+    def serve(self, item: int) -> bool:
+        self.served.append(item)
+        if item in self.lingers:
+            self.queue.linger()
+            return True
         return False
 
-    return serve
+    def unlead(self) -> None:
+        self.unleads += 1
+
+    def run_next_job(self) -> None:
+        self.pool.jobs.pop(0)()
 
 
-def test_a_job_per_item_up_to_runnable_and_one_job_serves_them_all() -> None:
-    pool, served = Pool(), list[int]()
-    queue: PoolQueue[int] = PoolQueue(32, pool.submit, quick(served))
-    for item in range(10):
-        queue.put(item)
-    assert queue.call_workers()
-    assert len(pool.jobs) == services.drain.RUNNABLE == queue.jobs
-    pool.jobs.pop()()  # one job takes everything queued, in order
-    assert served == list(range(10)) and queue.jobs == services.drain.RUNNABLE - 1
-    while pool.jobs:  # the others find nothing, and end
-        pool.jobs.pop()()
-    assert queue.jobs == 0
-    queue.put(10)
-    assert queue.call_workers() and len(pool.jobs) == 1
+def leads(queue: PoolQueue[int]) -> bool:
+    """`queue.led`, read afresh (a property mypy would take as fixed once asserted)."""
+    return queue.led
+
+
+def test_one_job_leads_and_serves_what_it_takes_and_what_is_queued() -> None:
+    leading = Leading([1, [2, 3], None, 4])
+    queue = leading.queue
+    assert queue.call_workers() and queue.call_workers()
+    assert len(leading.pool.jobs) == 1 and queue.jobs == 1 and leads(queue)  # one leader only
+    leading.run_next_job()
+    assert leading.served == [1, 2, 3, 4]
+    assert queue.jobs == 0 and not leads(queue) and leading.unleads == 1  # stopped, settled
 
 
 def test_items_put_first_go_ahead_of_the_others_a_run_at_a_time() -> None:
-    pool, served = Pool(), list[int]()
-    queue: PoolQueue[int] = PoolQueue(1, pool.submit, quick(served))
     run = services.drain.FIRST_RUN
-    for item in range(3):
-        queue.put(item)
-    for item in range(10, 10 + 2 * run):
-        queue.put(item, first=True)
-    assert queue.call_workers() and len(queue) == 3 + 2 * run
-    pool.jobs.pop()()
-    firsts = list(range(10, 10 + 2 * run))
-    assert served == [*firsts[:run], 0, *firsts[run:], 1, 2]
+    firsts = list(range(100, 100 + 2 * run))
+    leading = Leading([[0, 1, 2, *firsts]], workers=1)
+    assert leading.queue.call_workers()
+    leading.run_next_job()
+    assert leading.served == [*firsts[:run], 0, *firsts[run:], 1, 2]
 
 
 def test_items_not_put_first_are_served_while_first_ones_keep_coming() -> None:
     # A busy client that fell behind the minimum rate because it waited must not wait
     # for good behind clients that keep ahead because they are served first.
-    pool, served = Pool(), list[int]()
     behind = list(range(5))
+    leading = Leading([[*behind, 100]], workers=1)
+    serve = leading.serve
 
-    def serve(item: int) -> bool:
-        served.append(item)
-        if item >= 100 and len(served) < 200:
-            queue.put(item + 1, first=True)  # a client ahead is back at once
-        return False
+    def serve_and_come_back(item: int) -> bool:
+        if item >= 100 and len(leading.served) < 200:
+            leading.queue.put(item + 1, first=True)  # a client ahead is back at once
+        return serve(item)
 
-    queue: PoolQueue[int] = PoolQueue(1, pool.submit, serve)
-    for item in behind:
-        queue.put(item)
-    queue.put(100, first=True)
-    assert queue.call_workers()
-    pool.jobs.pop()()
+    leading.serve = serve_and_come_back  # type: ignore[method-assign]
+    leading.queue._serve = serve_and_come_back
+    assert leading.queue.call_workers()
+    leading.run_next_job()
+    served = leading.served
     positions = [served.index(item) for item in behind]
     assert positions == sorted(positions)
     last_ahead = max(n for n, item in enumerate(served) if item >= 100)
     assert positions[-1] < last_ahead, "the others waited until no one was ahead"
 
 
+def test_a_turn_that_lingers_hands_the_lead_to_a_follower_and_then_follows() -> None:
+    leading = Leading([1, 2])
+    leading.lingers.add(1)
+    queue = leading.queue
+    assert queue.call_workers()
+    leading.run_next_job()  # serves 1, which lingers: another job leads, and this one ends
+    assert leading.served == [1] and len(leading.pool.jobs) == 1
+    assert queue.jobs == 1 and leads(queue) and leading.unleads == 0
+    leading.run_next_job()  # the follower leads: serves 2, then stops
+    assert leading.served == [1, 2] and queue.jobs == 0 and not leads(queue)
+
+
+def test_a_lingering_turn_leads_again_when_no_follower_could() -> None:
+    leading = Leading([1, 2], workers=1)
+    leading.lingers.add(1)
+    queue = leading.queue
+    assert queue.call_workers()
+    assert not queue.followed(lingering=False)  # every worker has a job: no follower
+    leading.run_next_job()  # 1 lingers, no worker is free to lead: it leads on, serves 2
+    assert leading.served == [1, 2] and not leading.pool.jobs
+    assert queue.jobs == 0 and not leads(queue)
+
+
+def test_followed_only_with_nothing_queued_and_a_worker_free() -> None:
+    leading = Leading([], workers=2)
+    queue = leading.queue
+    assert queue.followed(lingering=False)
+    queue.put(1)
+    assert not queue.followed(lingering=False)  # the leader has more to serve
+    assert queue.take_all() == [1]
+    assert queue.call_workers() and queue.followed(lingering=False)  # a worker is free
+    queue.linger()  # its turn lingers: the second worker is called to lead
+    assert queue.jobs == 2 and not queue.followed(lingering=False)  # none free to start
+    assert queue.followed(lingering=True)  # one leads: the lingering turn goes on
+
+
 def test_never_more_jobs_than_workers() -> None:
-    pool = Pool()
-    queue: PoolQueue[int] = PoolQueue(2, pool.submit, quick([]))
-    for item in range(10):
-        queue.put(item)
-    assert queue.call_workers() and len(pool.jobs) == 2
+    leading = Leading([1], workers=1)
+    leading.lingers.add(1)
+    queue = leading.queue
+    assert queue.call_workers()
+    queue.linger()  # as a lingering turn does: the lead is free, but no worker is
+    assert queue.call_workers() and len(leading.pool.jobs) == 1 and queue.jobs == 1
 
 
-def test_no_job_for_an_item_a_free_job_will_take() -> None:
-    pool = Pool()
-    queue: PoolQueue[int] = PoolQueue(8, pool.submit, quick([]))
-    queue.put(1)
-    assert queue.call_workers() and len(pool.jobs) == 1
-    queue.put(2)
-    assert queue.call_workers() and len(pool.jobs) == 2  # two items, two free jobs
-    assert queue.call_workers() and len(pool.jobs) == 2
-
-
-@contextmanager
-def serving_first(queue: PoolQueue[int], pool: Pool, started: threading.Event) -> Iterator[None]:
-    """Run the first job on a thread of its own until the block ends (it waits in its
-    turn on item 1 until then)."""
-    queue.put(1)
-    queue.call_workers()
-    first = threading.Thread(target=pool.jobs.pop())
-    first.start()
-    try:
-        assert started.wait(EVENTUALLY)
-        yield
-    finally:
-        first.join(EVENTUALLY)
-    assert not first.is_alive()
-
-
-@pytest.mark.parametrize("lingers", [True, False], ids=["lingering", "busy"])
-def test_an_item_queued_while_every_runnable_job_serves(
-    lingers: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # With one runnable job allowed: a job that lingers (waits for its client) is not
-    # counted on for the next item, and another job is called; one that serves without
-    # lingering comes back for it within its turn, and no job is added.
-    monkeypatch.setattr(services.drain, "RUNNABLE", 1)
-    pool, started, release, served = Pool(), threading.Event(), threading.Event(), []
-
-    def serve(item: int) -> bool:
-        served.append(item)
-        if item == 1:
-            if lingers:
-                queue.linger()
-            started.set()
-            release.wait(EVENTUALLY)
-        return lingers and item == 1
-
-    queue: PoolQueue[int] = PoolQueue(8, pool.submit, serve)
-    with serving_first(queue, pool, started):
-        queue.put(2)
-        assert queue.call_workers()
-        assert len(pool.jobs) == (1 if lingers else 0)
-        if lingers:
-            pool.jobs.pop()()
-            assert served == [1, 2]
-        release.set()
-    assert served == [1, 2] and queue.jobs == 0
-
-
-def test_a_job_that_starts_to_linger_calls_another_for_what_it_was_counted_on(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(services.drain, "RUNNABLE", 1)
-    pool, started, lingering, release = (
-        Pool(), threading.Event(), threading.Event(), threading.Event()
-    )  # fmt: skip
-
-    def serve(item: int) -> bool:
-        if item == 1:
-            started.set()
-            lingering.wait(EVENTUALLY)
-            queue.linger()
-            release.wait(EVENTUALLY)
-        return item == 1
-
-    queue: PoolQueue[int] = PoolQueue(8, pool.submit, serve)
-    with serving_first(queue, pool, started):
-        queue.put(2)
-        assert queue.call_workers() and not pool.jobs  # the busy job will come back
-        lingering.set()  # ... but it lingers instead
-        wait_until(lambda: len(pool.jobs) == 1, what="another job called")
-        pool.jobs.pop()()
-        assert len(queue) == 0
-        release.set()
-    assert queue.jobs == 0
-
-
-def test_a_job_ends_after_its_turn_while_enough_others_do_not_linger(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Called while the first lingered, a second job takes the queue; once the first
-    # stops lingering, one runnable job is enough, and the first ends without taking
-    # more (else every burst of lingering would leave extra jobs fighting for the GIL).
-    monkeypatch.setattr(services.drain, "RUNNABLE", 1)
-    pool, started, release = Pool(), threading.Event(), threading.Event()
-    served_by: list[tuple[int, str]] = []
-
-    def serve(item: int) -> bool:
-        served_by.append((item, threading.current_thread().name))
-        if item == 1:
-            queue.linger()
-            started.set()
-            release.wait(EVENTUALLY)
-        return item == 1
-
-    queue: PoolQueue[int] = PoolQueue(8, pool.submit, serve)
-    with serving_first(queue, pool, started):
-        queue.put(2)
-        queue.put(3)
-        assert queue.call_workers() and len(pool.jobs) == 1 and queue.jobs == 2
-        release.set()
-    assert queue.jobs == 1  # the first ended after its turn
-    pool.jobs.pop()()
-    first = served_by[0][1]
-    assert [item for item, _ in served_by] == [1, 2, 3]
-    assert all(name != first for _, name in served_by[1:])
-    assert queue.jobs == 0
-
-
-def test_a_refused_job_is_not_counted_and_the_items_wait() -> None:
-    pool, refusals = Pool(), [MemoryError()]  # the first submit is refused, no other
+def test_a_refused_job_is_not_counted_and_the_lead_stays_free() -> None:
+    leading, refusals = Leading([1]), [MemoryError()]  # the first submit is refused
 
     def submit(job: Callable[[], None]) -> None:
         if refusals:
             raise refusals.pop()
-        pool.submit(job)
+        leading.pool.submit(job)
 
-    queue: PoolQueue[int] = PoolQueue(2, submit, quick([]))
-    queue.put(1)
-    assert not queue.call_workers()
-    assert queue.jobs == 0 and len(queue) == 1
-    assert queue.call_workers() and queue.jobs == 1
+    leading.queue._submit = submit
+    assert not leading.queue.call_workers()
+    assert leading.queue.jobs == 0 and not leads(leading.queue)
+    assert leading.queue.call_workers() and leading.queue.jobs == 1
 
 
 def test_a_job_queued_by_a_submit_that_then_failed_runs_or_not_but_counts_once() -> None:
+    leading = Leading([1])
     queued: list[Callable[[], None]] = []
 
     def submit(job: Callable[[], None]) -> None:
         queued.append(job)
         raise MemoryError  # after queuing, as queue.Queue.put can
 
-    served: list[int] = []
-    queue: PoolQueue[int] = PoolQueue(2, submit, quick(served))
-    queue.put(1)
-    assert not queue.call_workers()  # the submitter took the claim: never counted
-    assert queue.jobs == 0
+    leading.queue._submit = submit
+    assert not leading.queue.call_workers()  # the submitter took the claim: never counted
+    assert leading.queue.jobs == 0
     queued.pop()()  # runs after all: it lost the claim, and does nothing
-    assert served == [] and queue.jobs == 0 and len(queue) == 1
-    assert queue.take_all() == [1]
+    assert leading.served == [] and leading.queue.jobs == 0 and not leads(leading.queue)
+
+
+def test_a_leader_that_fails_ends_and_frees_the_lead() -> None:
+    # serve() never raises; if it did, the lead must not stay held by a job that ended.
+    leading = Leading([1, 2])
+
+    def broken(item: int) -> bool:
+        raise RuntimeError(item)
+
+    leading.queue._serve = broken
+    assert leading.queue.call_workers()
+    job = leading.pool.jobs.pop()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            job()
+        except RuntimeError as error:
+            failed.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(EVENTUALLY)
+    assert failed and leading.queue.jobs == 0 and not leads(leading.queue)
+    assert leading.unleads == 1
+
+
+def test_the_leader_lane_sees_a_turn_under_way_and_not_a_lingering_one() -> None:
+    leading = Leading([1, 2, 3])
+    leading.lingers.add(2)
+    queue = leading.queue
+    seen: list[tuple[int, bool]] = []
+    serve = leading.serve
+
+    def watched(item: int) -> bool:
+        seen.append((queue.turns, queue.in_turn))
+        lingered = serve(item)
+        seen.append((queue.turns, queue.in_turn))
+        return lingered
+
+    queue._serve = watched
+    assert queue.call_workers()
+    leading.run_next_job()  # 1, then 2 lingers: no longer the leader's turn
+    assert seen == [(1, True), (1, True), (2, True), (2, False)]
+    leading.run_next_job()  # the follower: 3
+    assert seen[-2:] == [(3, True), (3, True)] and not queue.in_turn

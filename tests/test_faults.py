@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
+import services.concurrency
 import services.dispatch
 import services.echo
 import services.loop
 import services.models.threads as threads_model
 import services.ready
+import services.stats
 from services.accepting import accept_connection
 from services.base import Server
 from services.loop import EventLoop
@@ -60,14 +62,16 @@ SERVER_STEPS: dict[str, Callable[[Server], object]] = {
     "submit": lambda server: server,
     "accepted_at": lambda server: server.ledger,
 }
-STEPS = [*STATS_STEPS, *SERVER_STEPS, "echo"]
+STEPS = [*STATS_STEPS, *SERVER_STEPS, "tally", "echo"]
 
 
 def applies(model: str, mode: str, step: str) -> bool:
     if step == "submit":  # the pools' hand-over to a worker
         return MODELS[model].bounded
-    if step == "accepted_at":  # a worker starting a connection it owns
+    if step in {"accepted_at", "on_start", "on_traffic"}:  # a worker owning a connection
         return mode == "connection"
+    if step == "tally":  # the ready leader's counts, added up now and then
+        return mode == "ready"
     return True
 
 
@@ -78,6 +82,9 @@ def inject(server: RunningService, step: str, monkeypatch: pytest.MonkeyPatch) -
     if step in STATS_STEPS:
         fault = FailOnce(getattr(server.stats, step))
         monkeypatch.setattr(server.stats, step, fault)
+    elif step == "tally":
+        fault = FailOnce(services.concurrency.adjust)
+        monkeypatch.setattr(services.stats, "adjust", fault)
     elif step in SERVER_STEPS:
         target = SERVER_STEPS[step](server.service.server)
         fault = FailOnce(getattr(target, step))

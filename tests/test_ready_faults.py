@@ -1,6 +1,7 @@
-"""The fault paths of ready dispatch: a wake-up that fails, epoll_ctl that fails, a submit
-that fails after queuing the job. One fault each, injected where the kernel or the
-allocator would raise it; no connection is lost, no loop wedged, every count right."""
+"""The fault paths of ready dispatch: a wake-up that fails, epoll_wait and epoll_ctl that
+fail, a submit that fails after queuing the job, a leader that hangs. One fault each,
+injected where the kernel or the allocator would raise it; no connection is lost, no
+loop wedged, every count right."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import Any
 import pytest
 
 import services.accepting
+import services.echo
 import services.loop
 import services.metrics_http
+import services.ready
 from services.parked import ParkedSet
 from services.pool import PoolServer
 from services.ready import ReadyDispatch
@@ -103,20 +106,22 @@ def assert_still_served(sock: socket.socket, server: RunningService) -> None:
         assert roundtrip(sock, payload) == payload
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOBUFS, "no buffer space"), MemoryError()])
 @pytest.mark.parametrize("model", BOUNDED)
-def test_a_failed_wake_up_strands_no_hand_back(model: str, error: BaseException) -> None:
-    # No linger: every message is a turn and a hand-back. The first wake-up after the
-    # fault sends nothing; the hand-back must still be taken, and later ones woken.
-    with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
+def test_a_leader_whose_interruption_fails_still_ends_with_the_server(model: str) -> None:
+    # close_all() interrupts the leader's wait on the parked set; if that byte is never
+    # sent, the leader still ends once its wait times out (WAIT), and the server stops
+    # clean: no thread left behind, every connection counted.
+    with running(model, workers=2) as server, one_connection(server):
+        parked = parked_set(server)
+        real = parked._interrupt_writer
+        fault = RaiseOnce(real.send, OSError(errno.ENOBUFS, "no buffer space"))
+        parked._interrupt_writer = WakeWriter(real, fault)  # type: ignore[assignment]
         inner = server.service.server
-        real = inner.loop._wake_writer
-        fault = RaiseOnce(real.send, error)
-        inner.loop._wake_writer = WakeWriter(real, fault)  # type: ignore[assignment]
-        assert_still_served(sock, server)
+        inner.stop()
+        assert inner.wait_stopped(EVENTUALLY)
         assert fault.fired.is_set()
-    wait_until(lambda: balanced(server), what="every connection closed and counted")
-    assert server.sample("echo_connections_closed_total", reason="error") == 0
+    assert server.clean
+    assert balanced(server)
 
 
 @pytest.mark.parametrize("model", BOUNDED)
@@ -155,13 +160,24 @@ def test_events_lost_to_a_memory_error_after_epoll_wait_are_served_all_the_same(
             for sock in clients:
                 assert roundtrip(sock, b"parked") == b"parked"
             parked = parked_set(server)
-            fault = RaiseOnce(parked.with_events, MemoryError(), first=False)
-            monkeypatch.setattr(parked, "with_events", fault)
+            wait = parked.wait
+            fired, entered = threading.Event(), threading.Event()
+
+            def lose_events(timeout: float, most: int) -> list[Any]:
+                entered.set()
+                taken = wait(timeout, most)
+                if taken and not fired.is_set():  # events taken, then the list is lost
+                    fired.set()
+                    raise MemoryError
+                return taken
+
+            monkeypatch.setattr(parked, "wait", lose_events)
+            assert entered.wait(EVENTUALLY)  # the leader waits through the fault now
             for sock in clients:
                 sock.sendall(b"after the lost events")
             for sock in clients:
                 assert recv_exactly(sock, 21) == b"after the lost events"
-            assert fault.fired.is_set()
+            assert fired.is_set()
         finally:
             for sock in clients:
                 sock.close()
@@ -170,11 +186,38 @@ def test_events_lost_to_a_memory_error_after_epoll_wait_are_served_all_the_same(
 
 
 @pytest.mark.parametrize("model", BOUNDED)
+def test_epoll_wait_failing_on_the_leader_pauses_it_and_loses_nothing(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wait that fails takes no event (each stays armed), so the leader only pauses, as
+    # accept does, and serves them on its next wait; it must neither end nor spin.
+    with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
+        parked, inner = parked_set(server), server.service.server
+        assert isinstance(inner, PoolServer)
+        submits: list[Callable[[], None]] = []
+        submit = inner.submit
+
+        def counted(job: Callable[[], None]) -> None:
+            submits.append(job)
+            submit(job)
+
+        monkeypatch.setattr(inner, "submit", counted)
+        fault = RaiseOnce(parked.wait, OSError(errno.EINVAL, "epoll_wait"))
+        monkeypatch.setattr(parked, "wait", fault)
+        wait_until(fault.fired.is_set, what="the leader's wait to fail")
+        assert_still_served(sock, server)
+        assert 2 <= fault.calls < 100, "the leader spun, or stopped waiting"
+        assert not submits, "the leader ended, and another had to be called"
+    wait_until(lambda: balanced(server), what="every connection closed and counted")
+    assert server.sample("echo_connections_closed_total", reason="error") == 0
+
+
+@pytest.mark.parametrize("model", BOUNDED)
 def test_a_batch_that_cannot_be_counted_as_queued_is_closed_and_counted(
     model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The loop counts a wake's ready connections as queued in one step. If that step
-    # keeps failing (memory), they are out of the parked set and not in the queue:
+    # The leader counts a batch of ready connections as queued in one step. If that
+    # step keeps failing (memory), they are out of the parked set and not in the queue:
     # without closing them, they would wait for an echo until the idle timeout.
     with running(model, workers=2, linger=0.0, idle_timeout=300.0) as server:
         stats = server.stats
@@ -191,9 +234,24 @@ def test_a_batch_that_cannot_be_counted_as_queued_is_closed_and_counted(
                 move(source, target, count)
 
             monkeypatch.setattr(stats, "move", out_of_memory)
+            # The leader waits at this gate, so that the four are ready when it looks:
+            # one batch (a lone event is served at once, never counted as queued).
+            parked, gate, at_gate = parked_set(server), threading.Event(), threading.Event()
+            wait = parked.wait
+
+            def gated(timeout: float, most: int) -> list[Any]:
+                if failing.is_set():
+                    at_gate.set()
+                    gate.wait(EVENTUALLY)
+                    return wait(0, most)
+                return wait(timeout, most)
+
             failing.set()
+            monkeypatch.setattr(parked, "wait", gated)
+            assert at_gate.wait(EVENTUALLY)
             for sock in clients:
-                sock.sendall(b"never counted")
+                sock.sendall(b"never counted")  # on loopback, in the server's buffer now
+            gate.set()
             for sock in clients:
                 assert closed_by_server(sock)
             failing.clear()
@@ -260,32 +318,33 @@ def test_epoll_ctl_failing_for_a_metrics_client_drops_only_that_client(
 
 class QueuedThenFailed:
     """A submit that queues the job and then raises MemoryError, once, as queue.Queue.put
-    can (it appends the job, then counts it). `worker_first`: the worker has started the
-    job before the loop sees the error; else the loop handles the error first."""
+    can (it appends the job, then counts it). `worker_first`: the job has claimed itself
+    before the submitter sees the error; else the submitter handles the error first."""
 
     def __init__(self, submit: Callable[[Callable[[], None]], None], worker_first: bool) -> None:
         self._submit, self._worker_first = submit, worker_first
         self.fired = threading.Event()
-        self.job_ran = threading.Event()
+        self.job_started = threading.Event()
 
     def __call__(self, job: Callable[[], None]) -> None:
         if self.fired.is_set():
             self._submit(job)
             return
         self.fired.set()
-        loop_done = threading.Event()
+        submitter_done = threading.Event()
 
         def run() -> None:
             if not self._worker_first:
-                loop_done.wait(EVENTUALLY)
+                submitter_done.wait(EVENTUALLY)
+            self.job_started.set()
             job()
-            self.job_ran.set()
 
         self._submit(run)
         if self._worker_first:
-            self.job_ran.wait(EVENTUALLY)
+            claim = job.args[0]  # type: ignore[attr-defined]  # partial(PoolQueue._lead, claim)
+            wait_until(lambda: not claim, what="the job to claim itself")
         else:
-            threading.Timer(0.2, loop_done.set).start()  # after the loop handled it
+            threading.Timer(0.2, submitter_done.set).start()  # after the error is handled
         raise MemoryError
 
 
@@ -294,22 +353,31 @@ class QueuedThenFailed:
 def test_a_submit_that_fails_after_queuing_counts_its_job_once(
     model: str, worker_first: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Whoever claims the job first decides: it runs, or the loop counts it as never
-    # submitted and submits another later; never both (two jobs counted as one, or a
-    # job counted that never ends, would leave ready connections without a worker).
-    with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
+    # Whoever claims the job first decides: it runs, or the submitter counts it as never
+    # submitted and the lead is taken again later; never both (two jobs counted as one,
+    # or a job counted that never ends, would leave no one to lead). A turn that
+    # lingers submits a job to take the lead (one client, two workers: it may linger).
+    with running(model, workers=2, linger=0.2) as server, one_connection(server) as sock:
         inner = server.service.server
         assert isinstance(inner, PoolServer) and isinstance(inner.dispatch, ReadyDispatch)
         queue = inner.dispatch._queue
+        # The first message's turn lingered; once it has ended (0.2 s of quiet), the
+        # next message's turn lingers afresh, and hands the lead on through a submit.
+        wait_until(
+            lambda: server.stats.busy.value == 0 and queue.jobs == 1 and not queue.in_turn,
+            what="the leader alone, waiting",
+        )
         fault = QueuedThenFailed(inner.submit, worker_first)
+
         monkeypatch.setattr(inner, "submit", fault)
         sock.sendall(b"the turn whose submit fails")
         sock.settimeout(EVENTUALLY)
         assert recv_exactly(sock, 27) == b"the turn whose submit fails"
-        assert fault.job_ran.wait(EVENTUALLY)
+        assert fault.job_started.wait(EVENTUALLY)
         assert_still_served(sock, server)
     assert server.clean  # every worker ended: no job is left running
-    assert queue.jobs == 0, "a job counted twice, or one counted that never ran"
+    # A leader ends once its wait sees the server stopped; the executor does not join it.
+    wait_until(lambda: queue.jobs == 0, what="a job counted twice, or one counted that never ran")
     wait_until(lambda: balanced(server), what="every connection closed and counted once")
     assert server.sample("echo_connections_closed_total", reason="error") == 0
     assert server.stats.queued.value == 0 and server.stats.busy.value == 0
@@ -319,27 +387,49 @@ def test_a_submit_that_fails_after_queuing_counts_its_job_once(
 def test_a_job_the_pool_refuses_is_submitted_again(
     model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The pool refuses the job outright (out of memory before it queued anything): the
-    # ready connection waits in the queue, and the loop submits again on its next tick.
-    with running(model, workers=2, linger=0.0) as server, one_connection(server) as sock:
+    # The pool refuses the job a lingering turn asks for to take the lead (out of memory
+    # before it queued anything): the turn stops lingering and its worker leads again,
+    # or the loop submits again on its next pass.
+    with running(model, workers=2, linger=0.2) as server, one_connection(server) as sock:
         inner = server.service.server
         assert isinstance(inner, PoolServer) and isinstance(inner.dispatch, ReadyDispatch)
         queue = inner.dispatch._queue
+        # The first message's turn lingered; once it has ended (0.2 s of quiet), the
+        # next message's turn lingers afresh, and hands the lead on through a submit.
+        wait_until(
+            lambda: server.stats.busy.value == 0 and queue.jobs == 1 and not queue.in_turn,
+            what="the leader alone, waiting",
+        )
         fault = RaiseOnce(inner.submit, MemoryError())
+
         monkeypatch.setattr(inner, "submit", fault)
         sock.sendall(b"the turn whose job is refused")
         sock.settimeout(EVENTUALLY)
         assert recv_exactly(sock, 29) == b"the turn whose job is refused"
-        assert fault.fired.is_set()
+        assert fault.fired.wait(EVENTUALLY)  # the turn lingers after the echo is sent
         assert_still_served(sock, server)
     assert server.clean
-    assert queue.jobs == 0, "a refused job still counted"
+    # A leader ends once its wait sees the server stopped; the executor does not join it.
+    wait_until(lambda: queue.jobs == 0, what="a refused job still counted")
     wait_until(lambda: balanced(server), what="every connection closed and counted once")
     assert server.sample("echo_connections_closed_total", reason="error") == 0
 
 
 @pytest.mark.parametrize("model", BOUNDED)
-def test_hand_backs_the_loop_never_takes_trip_the_watchdog(model: str) -> None:
+def test_a_leader_that_never_ends_its_turn_trips_the_watchdog(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other clients' events wait in the kernel, where no counter sees them: only the
+    # leader's own lane can tell that it has stopped.
+    release = threading.Event()
+    echo_turn = services.echo.echo_turn
+
+    def hang_on_stuck(sock: socket.socket, *args: Any, **kwargs: Any) -> Any:
+        if sock.recv(5, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"stuck":
+            release.wait(EVENTUALLY)
+        return echo_turn(sock, *args, **kwargs)
+
+    monkeypatch.setattr(services.ready, "echo_turn", hang_on_stuck)
     trips: list[str] = []
     with (
         running(
@@ -347,46 +437,41 @@ def test_hand_backs_the_loop_never_takes_trip_the_watchdog(model: str) -> None:
         ) as server,
         one_connection(server) as sock,
     ):
-        ready = server.service.server.dispatch
-        assert isinstance(ready, ReadyDispatch)
-        ready.take_back = lambda: None  # type: ignore[method-assign]
         try:
-            sock.sendall(b"handed back, never taken")
+            sock.sendall(b"stuck")
             wait_until(lambda: trips, what="the watchdog to trip")
-            assert "hand-backs made no progress" in trips[0], trips
+            assert "leader made no progress" in trips[0], trips
         finally:
-            del ready.take_back  # the class's again, so the loop can close it on the way out
+            release.set()
 
 
 @pytest.mark.parametrize("model", BOUNDED)
-def test_a_connection_handed_back_after_the_loop_ended_is_closed_by_its_worker(
+def test_a_connection_parked_after_the_loop_ended_is_closed_by_its_worker(
     model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The worker checked that the server was not stopping, then the loop ended (closing
-    # everything it held) before the worker's hand-back: nothing will take it back, so
-    # the worker closes it itself, and it is counted once.
+    # A turn ended while the server was running, then the loop ended (closing everything
+    # parked) before the turn's connection was parked again: nothing would ever close
+    # it, so its worker closes it itself, and it is counted once.
     with running(model, workers=2, linger=0.0) as server:
         inner = server.service.server
         ready = inner.dispatch
         assert isinstance(ready, ReadyDispatch)
-        parked = ready._parked
-        real_arm = parked.arm
+        real_park = ready._park
         trap, trapped = threading.Event(), threading.Event()
 
-        def arm(conn: Any, events: int) -> None:
+        def park(conn: Any) -> None:
             if trap.is_set() and not trapped.is_set():
                 trapped.set()
-                # Hold the hand-back until the loop has ended (ready._loop_done: the
-                # moment close_all() has taken everything it will ever take).
+                # Hold it until the loop has ended (ready._loop_done: the moment
+                # close_all() has taken everything it will ever take).
                 wait_until(lambda: ready._loop_done, what="the loop to end")
-                return  # the epoll set is closed now; the hand-back goes on to append
-            real_arm(conn, events)
+            real_park(conn)
 
-        monkeypatch.setattr(parked, "arm", arm)
+        monkeypatch.setattr(ready, "_park", park)
         with connect(server.address) as sock:
             assert roundtrip(sock, b"first") == b"first"
             trap.set()
-            sock.sendall(b"handed back after the end")
+            sock.sendall(b"parked after the end")
             assert trapped.wait(EVENTUALLY)
             inner.stop()
             assert inner.wait_stopped(EVENTUALLY)
