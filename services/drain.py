@@ -7,13 +7,13 @@ rate first (`connection.served_first`), and serves the queue one turn after anot
 before it waits again. So a message costs the kernel's wake-up of the leader and
 nothing more: no hand-over from the event loop's thread to a worker and back, which
 cost two thread wake-ups and the GIL passed between three threads per message
-(docs/performance.md, "Leader and followers").
+(docs/history/performance.md, "leader and followers").
 
 One leader, not every idle worker waiting on the set: a turn never blocks but to
 linger, and each of its system calls lets go of the GIL, so a second thread serving
 turns only takes the GIL in turns with the first, and waits for it behind the
-interpreter's switch interval: two or four waiting on the set raised the p99 5-10x
-and served fewer (docs/history/performance.md, 2026-12-04).
+interpreter's switch interval: two or four waiting on the set raised the p99 by 4-14
+ms (docs/history/performance.md, "leader and followers").
 
 The others follow, idle in the pool, until the leader is about to block: a turn that
 lingers (waits for its client's next message while nothing else waits) first hands

@@ -37,7 +37,6 @@ class ParkedSet:
         except BaseException:
             self.close()
             raise
-        self.interrupted = False
 
     def close(self) -> None:
         self._epoll.close()
@@ -46,7 +45,6 @@ class ParkedSet:
 
     def interrupt(self) -> None:
         """End every wait on the set, now and from now on. Never raises."""
-        self.interrupted = True
         with contextlib.suppress(OSError):  # full or closed: it is readable already
             self._interrupt_writer.send(b"\0")
 

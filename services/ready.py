@@ -271,7 +271,7 @@ class ReadyDispatch(Dispatch):
         if isinstance(outcome, Wait):
             parked = _parked_after(conn, outcome, turn)
             if conn.state is State.BUSY:  # it lingered: off the leader's books
-                retrying(stats.hand_back, stats.busy, stats.counter(parked), *traffic)
+                retrying(stats.hand_back, stats.counter(parked), *traffic)
             else:
                 self._leader.count_turn(stats.counter(conn.state), stats.counter(parked), traffic)
             conn.state = parked

@@ -211,25 +211,15 @@ class ServerStats:
         # The steps every turn takes, their locks put in order once (see Step).
         self._moves: dict[tuple[SharedCounter, SharedCounter], Step] = {}
         traffic = (self.received_bytes, self.sent_bytes, self.messages)
-        self._start = Step(self.queued, self.busy, self.started)
         self._traffic = Step(*traffic)
         # A turn is counted busy from its start (connection dispatch) or from when it
-        # lingers (ready): a turn on the leader that neither lingers nor closes is a
-        # step from where its connection was counted, started and parked again at once.
+        # lingers (ready: a turn on the leader that does not linger is counted in the
+        # leader's tally, `leader.Leader.count_turn`).
         parked = (self.waiting, self.writing)
         self._begins = {
             source: Step(source, self.busy, self.started) for source in (self.queued, *parked)
         }
-        self._hand_backs = {
-            (source, to): Step(self.busy, to, *traffic)
-            if source is self.busy
-            # Parked to parked again: the same counter, so only started and the traffic.
-            else Step(self.started, *traffic)
-            if source is to
-            else Step(source, to, self.started, *traffic)
-            for source in (self.queued, self.busy, *parked)
-            for to in parked
-        }
+        self._hand_backs = {to: Step(self.busy, to, *traffic) for to in parked}
 
     def counter(self, state: State) -> SharedCounter:
         """The counter of connections in `state` (KeyError for CLOSED: closed{reason})."""
@@ -256,7 +246,7 @@ class ServerStats:
         step(-count, count)
 
     def on_start(self) -> None:
-        self._start(-1, 1, 1)
+        self.begin_turn(self.queued)
 
     def begin_turn(self, source: SharedCounter) -> None:
         """A turn goes on the books as busy (started), from where it was counted."""
@@ -265,25 +255,10 @@ class ServerStats:
     def on_traffic(self, received: int, sent: int, messages: int) -> None:
         self._traffic(received, sent, messages)
 
-    def hand_back(
-        self,
-        source: SharedCounter,
-        parked: SharedCounter,
-        received: int,
-        sent: int,
-        messages: int,
-    ) -> None:
-        """A turn ends with its connection parked (`waiting` or `writing`), counted in
-        `source` until now (busy, or where it was when a turn that never went busy
-        began): the move, the start if it was not counted, and the turn's traffic as
-        one step, where they were three."""
-        step = self._hand_backs[source, parked]
-        if source is self.busy:
-            step(-1, 1, received, sent, messages)
-        elif source is parked:
-            step(1, received, sent, messages)
-        else:
-            step(-1, 1, 1, received, sent, messages)
+    def hand_back(self, parked: SharedCounter, received: int, sent: int, messages: int) -> None:
+        """A turn that went busy ends with its connection parked (`waiting` or
+        `writing`): the move and the turn's traffic as one step, where they were two."""
+        self._hand_backs[parked](-1, 1, received, sent, messages)
 
     def active_connections(self) -> int:
         return sum(snapshot(self.queued, self.busy, self.waiting, self.writing))
