@@ -12,17 +12,18 @@ ratios to the references, with the spread (min-max).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import burst, client, locks, memory
+from bench import burst, client, locks, memory, peer_client, report
+from bench.report import BASELINE
 from bench.servers import compile_c, model_command, peer_specs, pin, placement, started
 from harness.launcher import ServerProcess
 from services.models import MODELS
@@ -39,13 +40,16 @@ def throughput(
     rounds: int,
     seconds: float,
     processes: int | None,
+    *,
     baseline: Path | None = None,
+    peer: Collection[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     """Each (connections, size, pinned) configuration, every server, interleaved rounds.
 
     Pinned: every server on the same one CPU and the client on the others, so that they
     do not compete and every server gets the same CPU. Unpinned: all of them anywhere.
     With a `baseline` checkout: its pools beside these, and no references (`ab_specs`).
+    Then, for each pinned (connections, size) in `peer`, the peer client's rounds.
     """
     c_client = compile_c("pingpong")
     specs = ab_specs(baseline) if baseline is not None else server_specs(full=len(configs) > 1)
@@ -53,7 +57,6 @@ def throughput(
     everywhere = frozenset(os.sched_getaffinity(0))
     processes = processes or len(client_cpus or everywhere)
     names = list(specs)
-    results: dict[str, dict[str, list[dict[str, float]]]] = {}
 
     def measure(
         name: str, server: ServerProcess, setup: tuple[int, int, bool], duration: float
@@ -83,25 +86,37 @@ def throughput(
             row["switches_per_request"] = switched / completions
         return row
 
+    setups = {
+        config_name(n, size, pinned and server_cpus is not None): (n, size, pinned)
+        for n, size, pinned in configs
+    }
     with started(specs) as servers:
         for name in names:  # warm-up, not recorded: first connections, caches, lazy pools
             measure(name, servers[name], configs[0], 0.5)
-        for round_ in range(rounds):
-            order = names[round_ % len(names) :] + names[: round_ % len(names)]
-            for connections, size, pinned in configs:
-                key = config_name(connections, size, pinned and server_cpus is not None)
-                for name in order:
-                    row = measure(name, servers[name], (connections, size, pinned), seconds)
-                    results.setdefault(key, {}).setdefault(name, []).append(row)
-                    print(
-                        f"  round {round_ + 1}/{rounds} {key:<30} {name:<9} "
-                        f"{row['rate']:9.0f} req/s ({row['unstalled_rate']:9.0f} unstalled, "
-                        f"{row['server_cpu_us']:6.1f} us server CPU each)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+        results = interleaved(
+            names,
+            rounds,
+            setups,
+            lambda name, setup: measure(name, servers[name], setup, seconds),
+            lambda row: (
+                f"{row['rate']:9.0f} req/s ({row['unstalled_rate']:9.0f} unstalled, "
+                f"{row['server_cpu_us']:6.1f} us server CPU each)"
+            ),
+        )
+        peer_results: Rounds = {}
+        if peer:
+            peer_setups = {k: v for k, v in setups.items() if (v[0], v[1]) in peer and v[2]}
+            peer_results = peer_rounds(
+                servers,
+                names,
+                peer_setups,
+                rounds=min(rounds, PEER_ROUNDS),
+                seconds=seconds,
+                own=results,
+            )
     return {
         "configs": results,
+        "peer_client": peer_results,
         "servers": names,
         "c_baseline": "c-epoll" in names,
         "client": "c-epoll" if c_client else "python",
@@ -111,7 +126,86 @@ def throughput(
     }
 
 
-REFERENCES = ("uvloop-streams", "c-epoll")  # the ratio columns
+Row = dict[str, float]
+Rounds = dict[str, dict[str, list[Row]]]  # configuration -> server -> a row per round
+Setup = tuple[int, int, bool]  # connections, message size, pinned
+
+
+def interleaved(
+    names: list[str],
+    rounds: int,
+    setups: dict[str, Setup],
+    measure: Callable[[str, Setup], Row],
+    describe: Callable[[Row], str],
+) -> Rounds:
+    """Every setup for every server, round after round, the servers' order rotated each
+    round so that none is always first after another."""
+    results: Rounds = {}
+    for round_ in range(rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for key, setup in setups.items():
+            for name in order:
+                row = measure(name, setup)
+                results.setdefault(key, {}).setdefault(name, []).append(row)
+                print(
+                    f"  round {round_ + 1}/{rounds} {key:<30} {name:<9} {describe(row)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return results
+
+
+# The peer client starts a process per connection, so its runs are longer: fewer rounds.
+PEER_ROUNDS = 3
+
+
+def peer_rounds(
+    servers: dict[str, ServerProcess],
+    names: list[str],
+    setups: dict[str, Setup],
+    *,
+    rounds: int,
+    seconds: float,
+    own: Rounds,
+) -> Rounds:
+    """The same servers and pinned setups driven by the peer client (`bench.peer_client`),
+    each connection sending as many messages as uvloop streams served in `seconds` with
+    the bench's own client (same for every server, so each run does the same work)."""
+    server_cpus, client_cpus = placement()
+    print("== the peer client (uvloop's examples/bench/echoclient.py)", file=sys.stderr)
+
+    def measure(name: str, setup: Setup, messages: int) -> Row:
+        connections, size, _ = setup
+        server = servers[name]
+        if server_cpus:
+            pin(server.process.pid, server_cpus)
+        before = cpu_seconds(server.process.pid)
+        result = peer_client.run(
+            server.address,
+            connections=connections,
+            size=size,
+            messages=messages,
+            timeout=120 + 30 * seconds,
+            cpus=client_cpus,
+        )
+        used = cpu_seconds(server.process.pid) - before
+        return asdict(result) | {"server_cpu_us": 1e6 * used / max(result.messages, 1)}
+
+    results: Rounds = {}
+    for key, setup in setups.items():
+        paced = own[key].get("uvloop-streams") or next(iter(own[key].values()))
+        messages = max(100, int(report.median(paced, "rate") * seconds / setup[0]))
+        results |= interleaved(
+            names,
+            rounds,
+            {key: setup},
+            functools.partial(measure, messages=messages),
+            lambda row: (
+                f"{row['rate']:9.0f} req/s ({row['server_cpu_us']:6.1f} us server CPU each, "
+                f"{row['seconds']:.1f} s)"
+            ),
+        )
+    return results
 
 
 def server_specs(full: bool) -> dict[str, Sequence[str]]:
@@ -135,7 +229,6 @@ def server_specs(full: bool) -> dict[str, Sequence[str]]:
     return {**specs, **peer_specs()}
 
 
-BASELINE = "@base"  # the suffix of a server run from the baseline checkout
 # `python -c` with the checkout first on the path: its `services`, not this one's.
 _FROM_CHECKOUT = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -159,148 +252,8 @@ def ab_specs(baseline: Path) -> dict[str, Sequence[str]]:
     return specs
 
 
-def format_ab(data: dict[str, Any]) -> str:
-    """Each server against its baseline: medians (min-max) of the per-round ratios."""
-    lines = []
-    for key, per_server in data["configs"].items():
-        lines.append(f"\n{key}: this checkout / baseline, per round")
-        lines.append(f"  {'server':<26}{'req/s':<20}{'CPU us each':<20}{'p99':<20}")
-        for server in per_server:
-            if server.endswith(BASELINE) or server + BASELINE not in per_server:
-                continue
-            cells = []
-            for field in ("rate", "server_cpu_us", "p99_ms"):
-                r = ratios(per_server, server, server + BASELINE, field)
-                cells.append(f"{r[0]:5.2f}x ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
-            lines.append(f"  {server:<26}{cells[0]:<20}{cells[1]:<20}{cells[2]:<20}")
-    return "\n".join(lines)
-
-
 def config_name(connections: int, size: int, pinned: bool) -> str:
     return f"{connections} conn x {size // 1024} KiB" + ("" if pinned else ", unpinned")
-
-
-def ratios(
-    per_round: dict[str, list[dict[str, float]]], server: str, reference: str, field: str = "rate"
-) -> tuple[float, float, float] | None:
-    """Median, min and max of server/reference over the rounds (each round pairs up)."""
-    if reference not in per_round:
-        return None
-    values = [
-        a[field] / b[field]
-        for a, b in zip(per_round[server], per_round[reference], strict=True)
-        if b[field]
-    ]
-    if not values:
-        return None
-    return statistics.median(values), min(values), max(values)
-
-
-def _cpus(cpus: list[int]) -> str:
-    return ",".join(map(str, cpus)) or "any"
-
-
-def _median(rows: list[dict[str, float]], field: str) -> float:
-    return statistics.median(row[field] for row in rows)
-
-
-def format_throughput(data: dict[str, Any]) -> str:
-    lines = []
-    for key, per_server in data["configs"].items():
-        lines.append(f"\n{key}")
-        lines.append(
-            f"  {'server':<26}{'req/s':>9}{'unstalled':>11}{'CPU us':>8}{'switch':>8}{'p50 ms':>8}"
-            f"{'p99 ms':>8}{'p999 ms':>9}   {'vs uvloop streams':<20}{'vs C epoll':<20}"
-        )
-        for server, rows in per_server.items():
-            cells = []
-            for reference in REFERENCES:
-                r = ratios(per_server, server, reference)
-                cells.append(f"{r[0]:5.2f}x ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
-            rate, unstalled = _median(rows, "rate"), _median(rows, "unstalled_rate")
-            cpu = _median(rows, "server_cpu_us")
-            switched = [r["switches_per_request"] for r in rows if "switches_per_request" in r]
-            lines.append(
-                f"  {server:<26}{rate:>9.0f}{unstalled:>11.0f}{cpu:>8.1f}"
-                f"{f'{statistics.median(switched):.2f}' if switched else '-':>8}"
-                f"{_median(rows, 'p50_ms'):>8.2f}{_median(rows, 'p99_ms'):>8.2f}"
-                f"{_median(rows, 'p999_ms'):>9.2f}   {cells[0]:<20}{cells[1]:<20}"
-            )
-        if fastest := per_server.get("c-epoll"):
-            lines.append(client_ceiling(fastest, data["client_processes"]))
-    return "\n".join(lines)
-
-
-def client_ceiling(rows: list[dict[str, float]], processes: int) -> str:
-    """What the client could drive at most, from its own CPU time per round trip, against
-    what the fastest server got out of it: a client near its ceiling measures itself."""
-    client_us = _median(rows, "client_cpu_us")
-    ceiling = processes * 1e6 / client_us if client_us else float("inf")
-    return (
-        f"  client: {client_us:.1f} us CPU per round trip against c-epoll, so at most"
-        f" {ceiling:.0f} round trips/s on {processes} process(es):"
-        f" {ceiling / _median(rows, 'rate'):.1f}x what the C server took"
-    )
-
-
-def format_memory(costs: list[memory.IdleCost], capacities: list[memory.Capacity]) -> str:
-    lines = [
-        f"\n  {'server':<17}{'conns':>7}{'threads':>15}{'RSS growth':>12}{'RSS/conn':>10}"
-        f"{'VSZ/conn':>11}"
-    ]
-    for c in costs:
-        lines.append(
-            f"  {c.server:<17}{c.connections:>7}{c.threads_before:>7} ->{c.threads_after:>5}"
-            f"{c.rss_growth_mb:>9.1f} MB{c.rss_per_connection_kb:>7.1f} KB"
-            f"{c.vsz_per_connection_kb / 1024:>8.2f} MB"
-        )
-    lines.append(f"\n  threads model under RLIMIT_AS (start-up + {capacities[0].budget_mb} MiB):")
-    for cap in capacities:
-        lines.append(
-            f"    stack {cap.stack:<16} holds {cap.held:>5} connections "
-            f"(threads refused: {cap.refused})"
-        )
-    if len(capacities) == 2 and capacities[1].held:
-        lines.append(
-            f"    64 KiB stacks hold {capacities[0].held / capacities[1].held:.1f}x "
-            "as many connections"
-        )
-    return "\n".join(lines)
-
-
-def format_locks(results: list[locks.LockResult]) -> str:
-    lines = [f"\n  {'strategy':<22}{'threads':>8}{'ops/s':>12}{'lost updates':>14}"]
-    for r in results:
-        lines.append(f"  {r.strategy:<22}{r.threads:>8}{r.ops_per_second:>12.0f}{r.lost:>14}")
-    return "\n".join(lines)
-
-
-def write_chart(data: dict[str, Any], costs: list[memory.IdleCost], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415 (slow to import; only for the chart)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    keys = list(data["configs"])
-    servers = data["servers"]
-    width = 0.8 / len(servers)
-    for i, server in enumerate(servers):
-        values = [_median(data["configs"][k][server], "unstalled_rate") for k in keys]
-        left.bar([k + i * width for k in range(len(keys))], values, width, label=server)
-    labels = [k.replace(" x ", "\nx ").replace(", ", "\n") for k in keys]
-    left.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], labels, fontsize=8)
-    left.set_ylabel("round trips/s (unstalled, median)")
-    left.legend(fontsize=8)
-    left.set_title("throughput")
-    right.bar([c.server for c in costs], [c.rss_per_connection_kb for c in costs])
-    right.set_ylabel("RSS per idle connection (KB)")
-    right.set_title("memory")
-    right.tick_params(axis="x", labelsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
 
 
 def stack_capacities(quick: bool) -> list[memory.Capacity]:
@@ -325,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "at 32 and 256 x 1 KiB, interleaved in the same rounds; throughput only",
     )
     args = parser.parse_args(argv)
+    for flag, value in (("rounds", args.rounds), ("seconds", args.seconds)):
+        if value is not None and value <= 0:
+            parser.error(f"--{flag} must be positive, got {value}")
     quick = args.quick
     if args.baseline is not None:
         return ab_main(args.baseline, args.rounds or 5, args.seconds or 2.0, args.processes)
@@ -338,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started_at = time.monotonic()
 
     print("== throughput and latency (ping-pong, loopback)", file=sys.stderr)
-    data = throughput(configs, rounds, seconds, args.processes)
+    peer = [] if quick else [(32, 1024), (256, 1024)]
+    data = throughput(configs, rounds, seconds, args.processes, peer=peer)
     print("== memory per idle connection", file=sys.stderr)
     costs = memory.idle_costs(300 if quick else 2000, 1000 if quick else 10_000)
     capacities = stack_capacities(quick)
@@ -350,13 +307,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\n== echo cluster bench ({'quick' if quick else 'full'}: {rounds} rounds x {seconds:g} s;"
         f" client: {data['client']} x {data['client_processes']} on CPUs"
-        f" {_cpus(data['client_cpus'])}; servers pinned to CPU {_cpus(data['server_cpus'])})"
+        f" {report.cpus_text(data['client_cpus'])};"
+        f" servers pinned to CPU {report.cpus_text(data['server_cpus'])})"
     )
-    print(format_throughput(data))
-    print(format_memory(costs, capacities))
-    print(format_locks(lock_results))
+    print(report.format_throughput(data))
+    print(report.format_peer(data))
+    print(report.format_memory(costs, capacities))
+    print(report.format_locks(lock_results))
     print(burst.format_burst(burst_result))
-    report = {
+    saved = {
         "quick": quick,
         "rounds": rounds,
         "seconds": seconds,
@@ -375,8 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "elapsed_seconds": time.monotonic() - started_at,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    write_chart(data, costs, args.chart)
+    args.json.write_text(json.dumps(saved, indent=1) + "\n")
+    report.write_chart(data, costs, args.chart)
     print(f"\nwrote {args.json} and {args.chart} in {time.monotonic() - started_at:.0f} s")
     return 0
 
@@ -387,8 +346,8 @@ def ab_main(baseline: Path, rounds: int, seconds: float, processes: int | None) 
     print(f"== A/B against {baseline} (ping-pong, loopback)", file=sys.stderr)
     data = throughput(configs, rounds, seconds, processes, baseline=baseline.resolve())
     print(f"\n== echo cluster A/B ({rounds} rounds x {seconds:g} s) against {baseline}")
-    print(format_throughput(data))
-    print(format_ab(data))
+    print(report.format_throughput(data))
+    print(report.format_ab(data))
     print(f"\nin {time.monotonic() - started_at:.0f} s")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import client, hardened_echo, locks
+from bench import client, hardened_echo, locks, peer_client, report
 from bench.servers import compile_c
 from support import EVENTUALLY, ROOT, FaultyEcho
 
@@ -110,6 +111,52 @@ def test_client_counts_round_trips_and_every_wrong_or_cut_echo(native: bool) -> 
         else:
             assert result.completions > 4 and result.errors == 0, result
             assert 0 < result.p50_ms <= result.p99_ms <= result.p999_ms
+
+
+def test_peer_client_counts_its_messages_and_fails_on_a_cut_or_silent_echo() -> None:
+    with FaultyEcho("none") as server:
+        result = peer_client.run(
+            server.address, connections=3, size=1000, messages=40, timeout=EVENTUALLY
+        )
+    assert result.messages == 120 and result.rate > 0 and result.client_cpu_us > 0, result
+    # The script itself would print a full count for both: its jobs' failures go unseen.
+    with FaultyEcho("close") as server, pytest.raises(peer_client.PeerClientError, match="a con"):
+        peer_client.run(server.address, connections=2, size=1000, messages=5, timeout=EVENTUALLY)
+    with FaultyEcho("silent") as server, pytest.raises(peer_client.PeerClientError, match="over"):
+        peer_client.run(server.address, connections=2, size=1000, messages=5, timeout=2)
+
+
+def test_the_peer_client_is_the_copy_its_readme_names() -> None:
+    readme = (ROOT / "bench" / "peer" / "README.md").read_text()
+    digest = hashlib.sha256(peer_client.SCRIPT.read_bytes()).hexdigest()
+    assert f"| file sha256 | `{digest}` |" in readme
+
+
+def test_the_peer_table_pairs_each_round_with_the_references_of_that_round() -> None:
+    def rounds(*rates: float, cpu: float = 10.0) -> list[dict[str, float]]:
+        return [
+            {"rate": r, "server_cpu_us": cpu, "client_cpu_us": 20.0, "messages": 640} for r in rates
+        ]
+
+    per_server = {
+        "executor/ready": rounds(50, 90, 60, cpu=15.0),
+        "uvloop-streams": rounds(100, 100, 50),
+        "uvloop-protocol": rounds(100, 100, 100, cpu=10.0),
+        "c-epoll": rounds(200, 100, 100),
+    }
+    table = report.format_peer({"peer_client": {"32 conn x 1 KiB": per_server}, "client_cpus": [0]})
+    row = next(line for line in table.splitlines() if "executor/ready" in line)
+    # vs uvloop streams: 0.5, 0.9, 1.2 per round; vs C: 0.25, 0.9, 0.6; CPU 1.5 each round
+    assert row.split()[4:] == [
+        "0.90x",
+        "(0.50-1.20)",
+        "0.60x",
+        "(0.25-0.90)",
+        "1.50x",
+        "(1.50-1.50)",
+    ]
+    assert "640 messages a run" in table
+    assert "at most 50000 round trips/s on 1 CPU(s): 500.0x what the C server took" in table
 
 
 def test_c_client_refuses_bad_arguments() -> None:
