@@ -74,7 +74,7 @@ class Leader:
             serve,
             take=self.take,
             stopping=lambda: loop.stopping,
-            unlead=self.flush_tally,
+            unlead=self.stop_leading,
         )
         self._warn = RateLimitedLog(log)
         self._wait_backoff = 0.0  # after the set's wait failed
@@ -82,14 +82,21 @@ class Leader:
         # on, and at least every FLUSH_INTERVAL (`take`): whoever leads, only it.
         self.tally = Tally()
         self._flush_at = 0.0
+        # Seconds the leaders have spent on anything but waiting for events, which is
+        # how near the one thread that serves every event is to its limit
+        # (`echo_leader_busy_seconds_total`): from each wait's return to the next wait.
+        self.busy_seconds = 0.0
+        self._busy_since: float | None = None  # the last wait returned, if one leads
 
     def take(self, timeout: float) -> Connection | None:
         """Wait up to `timeout` for parked connections with an event, and queue them; or
         the one to serve at once."""
+        self.end_busy()
         try:
             if self.tally:  # kept no longer than FLUSH_INTERVAL, busy or not
                 timeout = min(timeout, max(self._flush_at - time.monotonic(), 0.0))
             woken: list[Connection | None] = list(self._set.wait(timeout, BATCH))
+            self._busy_since = time.monotonic()
             if self.tally and time.monotonic() >= self._flush_at:
                 self.flush_tally()
         except MemoryError:  # after epoll_wait took the events, they are lost with the list
@@ -110,6 +117,19 @@ class Leader:
             if woken:
                 self._queue_woken(woken)
         return None
+
+    def end_busy(self) -> None:
+        """The leader is about to wait, or stops leading: count its time since the last
+        wait as busy (by the leader)."""
+        if self._busy_since is not None:
+            self.busy_seconds += time.monotonic() - self._busy_since
+            self._busy_since = None
+
+    def stop_leading(self) -> None:
+        """A job stops leading (its turn lingers, or it ends): it settles what it kept.
+        Never raises."""
+        self.end_busy()
+        self.flush_tally()
 
     def flush_tally(self) -> None:
         """Add the leader's counts to the shared counters (by the leader). Never raises:

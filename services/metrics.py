@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from services import procfs
 from services.base import Server
+from services.ready import ReadyDispatch
 from services.stats import Histogram, StatsSnapshot
 from services.watchdog import Watchdog
 
@@ -39,6 +40,14 @@ class EchoCollector(Collector):
         yield self._settings()
         yield from self._connections(stats)
         yield from self._latency()
+        if isinstance(ready := self._server.dispatch, ReadyDispatch):
+            yield _counter(
+                "leader_busy_seconds",
+                "Seconds the pool's leader spent serving rather than waiting for events "
+                "(ready dispatch): one thread serves every event, and this rate is how "
+                "near it is to its limit (1: saturated).",
+                ready.leader_busy_seconds,
+            )
         yield from self._kernel()
         if self._watchdog is not None:
             yield from self._watchdog_metrics(self._watchdog)

@@ -135,6 +135,11 @@ class ReadyDispatch(Dispatch):
         return self._queue.turns
 
     @property
+    def leader_busy_seconds(self) -> float:
+        """Seconds the leaders spent serving, not waiting for events (the metrics)."""
+        return self._leader.busy_seconds
+
+    @property
     def leader_in_turn(self) -> int:
         """1 while the leader is in a turn, else 0 (the watchdog's leader lane)."""
         return int(self._queue.in_turn)
@@ -319,7 +324,7 @@ class ReadyDispatch(Dispatch):
     def _linger(self, conn: Connection) -> None:
         """Before a turn first waits for its client: count it busy, and hand the lead on
         with the leader's counts added up."""
-        self._leader.flush_tally()
+        self._leader.stop_leading()
         retrying(self._stats.begin_turn, self._stats.counter(conn.state))
         conn.state = State.BUSY
         self._queue.linger()

@@ -68,6 +68,7 @@ GRAPHS = {
     "turned away per second",
     "closed per second",
     "wait for a turn",
+    "leader busy",
 }
 
 

@@ -9,20 +9,27 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+import services.leader
 import services.parked
 import services.ready
 from services.connection import Connection, writers_to_close
 from services.echo import READ_SIZE, RECEIVE_BUFFER, Turn, echo_turn, set_kernel_timeout
+from services.leader import Leader, Parked
+from services.loop import EventLoop
+from services.parked import ParkedSet
+from services.parking import Parking
 from services.ready import WRITABLE_REST
 from services.states import Closed, Wait
 from services.stats import ServerStats
 from support import (
     BOUNDED,
     EVENTUALLY,
+    config,
     connect,
     held_open,
     is_served,
@@ -298,6 +305,51 @@ def test_the_dispatch_wait_histogram_counts_every_turn(model: str) -> None:
         assert 1 <= turns <= 50
         assert server.sample("echo_dispatch_wait_seconds_bucket", le="+Inf") == turns
         assert server.sample("echo_dispatch_wait_seconds_sum") > 0
+
+
+def test_the_leader_counts_its_time_between_waits_as_busy_and_never_a_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    clock = SimpleNamespace(monotonic=lambda: now[0], sleep=time.sleep)
+    monkeypatch.setattr(services.leader, "time", clock)
+
+    class Waits:
+        def wait(self, timeout: float, most: int) -> list[Connection]:
+            now[0] += 1.0  # waiting for events: never busy
+            return []
+
+    parked = Parked(
+        cast(ParkedSet, Waits()), Parking(None, None, 0, 0.5), threading.Lock(), lambda c, r: None
+    )
+    loop = cast(EventLoop, SimpleNamespace(stopping=False))
+    leader = Leader(
+        config("queue"), ServerStats(), loop, parked, submit=lambda job: None, serve=lambda c: False
+    )
+    leader.take(1.0)  # the first wait of a leader: nothing before it counts
+    assert leader.busy_seconds == 0.0
+    for _ in range(3):
+        now[0] += 0.25  # serving what it took
+        leader.take(1.0)
+    assert leader.busy_seconds == 0.75
+    now[0] += 0.5
+    leader.stop_leading()  # its turn lingers, and the lead passes: counted up to here
+    assert leader.busy_seconds == 1.25
+    now[0] += 2.0
+    leader.take(1.0)  # the next leader's first wait: the time no one led is not busy
+    assert leader.busy_seconds == 1.25
+
+
+@pytest.mark.parametrize("model", BOUNDED)
+def test_the_leader_busy_seconds_grow_with_turns_in_ready_dispatch_only(model: str) -> None:
+    started = time.monotonic()
+    with running(model, workers=2, linger=0.0) as server, connect(server.address) as sock:
+        for n in range(20):
+            assert roundtrip(sock, b"%d" % n) == b"%d" % n
+        wait_until(lambda: server.sample("echo_leader_busy_seconds_total") > 0, what="busy counted")
+        assert server.sample("echo_leader_busy_seconds_total") < time.monotonic() - started
+    with running(model, workers=2, dispatch="connection") as server:
+        assert server.service.registry.get_sample_value("echo_leader_busy_seconds_total") is None
 
 
 def test_the_loop_lag_histogram_times_each_pass_from_the_wake_up(
