@@ -15,6 +15,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -278,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "at 32 and 256 x 1 KiB, interleaved in the same rounds; throughput only",
     )
     args = parser.parse_args(argv)
+    # Stopped (make's SIGTERM, kill): unwind as Ctrl-C does, so that every server and
+    # client the bench started is stopped on the way out, not left running.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     for flag, value in (("rounds", args.rounds), ("seconds", args.seconds)):
         if value is not None and value <= 0:
             parser.error(f"--{flag} must be positive, got {value}")
@@ -338,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write_chart(data, costs, args.chart)
     print(f"\nwrote {args.json} and {args.chart} in {time.monotonic() - started_at:.0f} s")
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def ab_main(baseline: Path, rounds: int, seconds: float, processes: int | None) -> int:

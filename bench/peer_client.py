@@ -77,10 +77,12 @@ def run(
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException as error:  # the timeout, or the bench stopped (SIGTERM, Ctrl-C)
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
-        raise PeerClientError(f"the peer client took over {timeout:g} s") from None
+        if isinstance(error, subprocess.TimeoutExpired):
+            raise PeerClientError(f"the peer client took over {timeout:g} s") from None
+        raise
     if process.returncode != 0:
         raise PeerClientError(f"the peer client exited with {process.returncode}: {stderr[-500:]}")
     match = _RATE.search(stdout)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pytest
 
 from bench import client, hardened_echo, locks, peer_client, report
 from bench.servers import compile_c
-from support import EVENTUALLY, ROOT, FaultyEcho
+from support import EVENTUALLY, ROOT, FaultyEcho, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -87,6 +89,42 @@ def test_quick_bench_prints_and_saves_a_well_formed_report(tmp_path: Path) -> No
     assert len(burst["stock_seconds"]) == len(burst["prompt_seconds"]) == len(burst["ratios"]) == 2
     assert all(seconds > 0 for seconds in burst["stock_seconds"] + burst["prompt_seconds"])
     assert "burst of 64 jobs to idle workers" in result.stdout
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in map(int, task.read_text().split()):
+                found |= {child, *_descendants(child)}
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_bench_stopped_by_sigterm_stops_every_server_it_started(tmp_path: Path) -> None:
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(tmp_path / "b.json")],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bench.stderr is not None
+    with bench:
+        deadline = time.monotonic() + 120
+        while "round 1/" not in bench.stderr.readline():  # every server is up
+            assert time.monotonic() < deadline and bench.poll() is None
+        started = _descendants(bench.pid)
+        assert len(started) >= 10  # the servers, and the client of the moment
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(EVENTUALLY) == 128 + signal.SIGTERM
+    wait_until(lambda: all(map(_gone, started)), what="every server the bench started to end")
 
 
 def test_locked_counters_lose_nothing() -> None:
