@@ -291,15 +291,24 @@ def judge_flood(
 
 def _value_growth(samples: list[Sample], key: str) -> float:
     """How much an unlabelled counter grew over the run (0 when never scraped)."""
-    if not samples:
-        return 0.0
-    return samples[-1].values.get(key, 0.0) - samples[0].values.get(key, 0.0)
+    return _increase([s.values[key] for s in samples if key in s.values])
 
 
 def _growth(samples: list[Sample], field: str) -> dict[str, float]:
-    """How much each labelled counter grew over the run (counters are cumulative)."""
-    if not samples:
-        return {}
-    first, last = getattr(samples[0], field), getattr(samples[-1], field)
-    grown = {label: value - first.get(label, 0.0) for label, value in last.items()}
-    return {label: value for label, value in grown.items() if value}
+    """How much each labelled counter grew over the run (a label not yet shown is 0)."""
+    labels = {label for s in samples for label in getattr(s, field)}
+    grown = {
+        label: _increase([getattr(s, field).get(label, 0.0) for s in samples]) for label in labels
+    }
+    return {label: value for label, value in sorted(grown.items()) if value}
+
+
+def _increase(readings: list[float]) -> float:
+    """How much a counter grew over successive readings. One lower than the one before
+    is a restart (a server's counters start again at 0, a container's network namespace
+    too): what it reads then is all growth since, as Prometheus's increase() counts it,
+    never a negative number."""
+    return sum(
+        after - before if after >= before else after
+        for before, after in itertools.pairwise(readings)
+    )

@@ -3,6 +3,7 @@ milliseconds. The live floods (test_flood.py) show that real runs feed it the sa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -219,6 +220,22 @@ def test_handshakes_dropped_at_a_full_accept_queue_are_counted_over_the_run() ->
     summary = judge_flood(run, probes(always), ATTACK, Limits())
     assert summary.listen_overflows == 1200
     assert judge_flood(samples(), probes(always), ATTACK, Limits()).listen_overflows == 0
+
+
+def test_counters_that_restart_mid_run_count_their_growth_never_a_negative() -> None:
+    run = []
+    for sample in samples():  # 10 a second; the server restarts at 20 s, its counters too
+        counts = 10 * sample.at if sample.at < 20 else 10 * (sample.at - 20)
+        sample.values["listen_overflows"] = counts
+        # A labelled counter is not shown until it counts again (read as 0); one shown
+        # only from 30 s on grew by all it then says.
+        closed = {} if 20 <= sample.at < 21 else {"reset": counts}
+        rejected = {"at_cap": 5.0} if sample.at >= 30 else {}
+        run.append(dataclasses.replace(sample, closed=closed, rejected=rejected))
+    summary = judge_flood(run, probes(always), ATTACK, Limits())
+    assert summary.listen_overflows == 195 + 180  # up to the restart, and all after it
+    assert summary.closed == {"reset": 195 + 180}
+    assert summary.rejected == {"at_cap": 5.0}
 
 
 class FakeFloods:
