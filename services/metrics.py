@@ -40,14 +40,15 @@ class EchoCollector(Collector):
         yield self._settings()
         yield from self._connections(stats)
         yield from self._latency()
-        if isinstance(ready := self._server.dispatch, ReadyDispatch):
-            yield _counter(
-                "leader_busy_seconds",
-                "Seconds the pool's leader spent serving rather than waiting for events "
-                "(ready dispatch): one thread serves every event, and this rate is how "
-                "near it is to its limit (1: saturated).",
-                ready.leader_busy_seconds,
-            )
+        ready = self._server.dispatch
+        yield _counter(
+            "leader_busy_seconds",
+            "Seconds the pool's leader spent serving rather than waiting for events "
+            "(ready dispatch): one thread serves every event, and this rate is how near "
+            "it is to its limit (1: saturated). 0 where no thread leads (connection "
+            "dispatch, threads), so that every model has the series.",
+            ready.leader_busy_seconds if isinstance(ready, ReadyDispatch) else 0.0,
+        )
         yield from self._kernel()
         if self._watchdog is not None:
             yield from self._watchdog_metrics(self._watchdog)
