@@ -96,8 +96,8 @@ class Leader:
             if self.tally:  # kept no longer than FLUSH_INTERVAL, busy or not
                 timeout = min(timeout, max(self._flush_at - time.monotonic(), 0.0))
             woken: list[Connection | None] = list(self._set.wait(timeout, BATCH))
-            self._busy_since = time.monotonic()
-            if self.tally and time.monotonic() >= self._flush_at:
+            self._busy_since = woke = time.monotonic()
+            if self.tally and woke >= self._flush_at:
                 self.flush_tally()
         except MemoryError:  # after epoll_wait took the events, they are lost with the list
             with self._lock:

@@ -40,15 +40,6 @@ class EchoCollector(Collector):
         yield self._settings()
         yield from self._connections(stats)
         yield from self._latency()
-        ready = self._server.dispatch
-        yield _counter(
-            "leader_busy_seconds",
-            "Seconds the pool's leader spent serving rather than waiting for events "
-            "(ready dispatch): one thread serves every event, and this rate is how near "
-            "it is to its limit (1: saturated). 0 where no thread leads (connection "
-            "dispatch, threads), so that every model has the series.",
-            ready.leader_busy_seconds if isinstance(ready, ReadyDispatch) else 0.0,
-        )
         yield from self._kernel()
         if self._watchdog is not None:
             yield from self._watchdog_metrics(self._watchdog)
@@ -97,6 +88,15 @@ class EchoCollector(Collector):
             server.stats.worker_threads.value,
         )
         yield _gauge("workers_busy", "Connections being served right now.", stats.busy)
+        dispatch = server.dispatch
+        yield _counter(
+            "leader_busy_seconds",
+            "Seconds the pool's leader spent serving rather than waiting for events "
+            "(ready dispatch): one thread serves every event, and this rate is how near "
+            "it is to its limit (1: saturated). 0 where no thread leads (connection "
+            "dispatch, threads), so that every model has the series.",
+            dispatch.leader_busy_seconds if isinstance(dispatch, ReadyDispatch) else 0.0,
+        )
         yield _gauge("queue_depth", "Connections waiting for a worker.", stats.queued)
         yield _gauge("queue_capacity", "Connections that may wait.", server.queue_capacity)
         states = GaugeMetricFamily(

@@ -311,7 +311,11 @@ def test_the_leader_counts_its_time_between_waits_as_busy_and_never_a_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [100.0]
-    clock = SimpleNamespace(monotonic=lambda: now[0], sleep=time.sleep)
+
+    def pause(seconds: float) -> None:  # the fake clock's own: time passes, none is spent
+        now[0] += seconds
+
+    clock = SimpleNamespace(monotonic=lambda: now[0], sleep=pause)
     monkeypatch.setattr(services.leader, "time", clock)
 
     class Waits:
@@ -366,7 +370,9 @@ def test_the_loop_lag_histogram_times_each_pass_from_the_wake_up(
     expire = services.ready.ReadyDispatch.expire
 
     def slow_expire(self: services.ready.ReadyDispatch, now: float) -> None:
-        time.sleep(0.03)
+        busy_until = time.monotonic() + 0.03  # work, not a wait: the pass holds the thread
+        while time.monotonic() < busy_until:
+            pass
         expire(self, now)
 
     monkeypatch.setattr(services.ready.ReadyDispatch, "expire", slow_expire)
